@@ -1,0 +1,23 @@
+# Two commands do everything on a fresh machine:
+#   make quickstart   set up .venv, train LITv2 on the embedded digits (CPU, a few minutes)
+#   make test         set up .venv, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) train.py experiment=quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests

@@ -1,0 +1,9 @@
+"""LITv2 and HiLo attention: models, data, training engine and profiling.
+
+``import litv2`` registers ``litv2_s``, ``litv2_m``, ``litv2_b`` (and ``litv2_b_384``) with
+timm, so ``timm.create_model("litv2_s", num_classes=..., drop_path_rate=...)`` works.
+"""
+from .models import *  # noqa: F401,F403  (registers the models with timm)
+from .models import HiLo, LITv2, checkpoint_filter_fn, load_checkpoint
+
+__version__ = "0.1.0"
