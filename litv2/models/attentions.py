@@ -1,0 +1,399 @@
+"""Alternatives to HiLo for the attention ablation (paper Table 4) and the single-layer benchmark
+(supplementary Table IV, paper Fig. 3).
+
+Every module takes a channels-last map ``x`` of shape ``(B, H, W, C)`` and returns the same shape,
+like :class:`litv2.models.hilo.HiLo`, so a LITv2 block can swap them freely. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` (windows and heads are batch dimensions, biases
+and masks go in ``attn_mask``); there are no Python loops over windows or heads.
+
+Ablation choices (``create_attention``), each with its own family's settings, not HiLo's:
+
+* ``msa``  - standard multi-head self-attention (ViT).
+* ``sra``  - PVT spatial-reduction attention: keys/values from a ``sr x sr`` stride-``sr`` conv
+  followed by LayerNorm; PVT's ``sr_ratios = (8, 4, 2, 1)`` per stage, i.e. ``sr = 2`` at 1/16 scale
+  (stage 3) and ``sr = 1`` (plain MSA with separate q / kv projections) in the last stage.
+* ``wmsa`` - Swin (shifted) window attention, window 7 with a learned relative position bias; blocks
+  with an odd ``block_idx`` shift the windows by ``window // 2`` and use Swin's attention mask. As in
+  Swin, a map whose shorter side is ``<= window`` is attended as one window (clipped window, no
+  shift: the whole 7x7 map of stage 4 at 224), and sides that do not divide are zero-padded at the
+  bottom/right (padded tokens take part in attention, as in Swin) and cropped afterwards.
+* ``tmsa`` - Twins-SVT: even blocks use locally-grouped self-attention (LSA, window 7, no position
+  bias), odd blocks global sub-sampled attention (GSA, = SRA with Twins' ``sr_ratios = (8, 4, 2, 1)``).
+* ``hilo`` - :class:`litv2.models.hilo.HiLo`.
+
+Extra single-layer baselines for ``scripts/benchmark_attention.py``: :class:`LinformerAttention`
+(Wang et al. 2020, shared-across-heads E/F projections to ``k = 256``), :class:`PerformerAttention`
+(Choromanski et al. 2021, FAVOR+ positive orthogonal random features, ``m = 256``) and
+:class:`TokenAttention` that adapts a token-sequence attention such as timm's XCiT ``XCA``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+__all__ = [
+    "ATTENTION_CHOICES", "PVT_SR_RATIOS", "SWIN_WINDOW", "TWINS_WINDOW",
+    "MultiHeadSelfAttention", "SpatialReductionAttention", "WindowAttention",
+    "LocallyGroupedAttention", "GlobalSubsampledAttention",
+    "LinformerAttention", "PerformerAttention", "TokenAttention",
+    "create_attention",
+]
+
+ATTENTION_CHOICES = ("hilo", "msa", "sra", "wmsa", "tmsa")
+PVT_SR_RATIOS = (8, 4, 2, 1)  # PVT and Twins-SVT spatial-reduction ratio per stage (1/4 ... 1/32 scale)
+SWIN_WINDOW = 7
+TWINS_WINDOW = 7
+NUM_STAGES = 4
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    if num_heads < 1 or dim % num_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide dim={dim}")
+    return dim // num_heads
+
+
+def _check_input(x: torch.Tensor, dim: int, name: str) -> None:
+    if x.ndim != 4 or x.shape[-1] != dim:
+        raise ValueError(f"{name} expects a channels-last (B, H, W, {dim}) map, got shape {tuple(x.shape)}")
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Standard multi-head self-attention (ViT) over all ``H * W`` positions."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = _check_heads(dim, num_heads)
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+
+class SpatialReductionAttention(nn.Module):
+    """PVT spatial-reduction attention (SRA); Twins' global sub-sampled attention (GSA) is the same layer.
+
+    Queries from every position; keys/values from the map reduced by a ``sr x sr`` stride-``sr`` conv
+    and LayerNorm (remainder rows/columns are dropped by the conv, as in PVT). ``sr_ratio == 1`` has no
+    conv/norm and is MSA with separate ``q`` and ``kv`` projections (PVT's last stage).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, sr_ratio: int = 2, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if int(sr_ratio) != sr_ratio or sr_ratio < 1:
+            raise ValueError(f"sr_ratio must be an integer >= 1, got sr_ratio={sr_ratio}")
+        self.dim, self.num_heads, self.sr_ratio = dim, num_heads, int(sr_ratio)
+        self.head_dim = _check_heads(dim, num_heads)
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if self.sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=self.sr_ratio, stride=self.sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+            # PVT init: normal(0, sqrt(2 / fan_out)), zero bias
+            fan_out = self.sr_ratio * self.sr_ratio * dim
+            nn.init.normal_(self.sr.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(self.sr.bias)
+        else:
+            self.sr = None
+            self.norm = None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, sr_ratio={self.sr_ratio}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        q = self.q(x).view(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.sr is not None:
+            if H < self.sr_ratio or W < self.sr_ratio:
+                raise ValueError(f"{type(self).__name__} with sr_ratio={self.sr_ratio} needs a map of at least "
+                                 f"{self.sr_ratio}x{self.sr_ratio}, got {H}x{W}")
+            kv_in = self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        else:
+            kv_in = x
+        k, v = self.kv(kv_in).view(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+
+GlobalSubsampledAttention = SpatialReductionAttention  # Twins-SVT GSA
+
+
+def _relative_position_index(window: int, table_window: int, device=None) -> torch.Tensor:
+    """Swin's (window^2, window^2) index into a ((2 * table_window - 1)^2, heads) bias table.
+
+    ``window <= table_window``: a clipped window reads the centre of the full table, so the bias of a
+    relative offset is the same parameter whatever the window size.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window, device=device), torch.arange(window, device=device),
+                                        indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)  # (2, N, N), offsets >= 0
+    return rel[0] * (2 * table_window - 1) + rel[1]
+
+
+def _window_region_ids(size: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """Swin's cyclic-shift regions along one side: 0 for [0, size-window), 1 up to size-shift, 2 after."""
+    idx = torch.arange(size, device=device)
+    return (idx >= size - window).long() + (idx >= size - shift).long()
+
+
+class WindowAttention(nn.Module):
+    """Swin W-MSA / SW-MSA and Twins LSA: self-attention inside non-overlapping ``window`` x ``window`` windows.
+
+    Args:
+        dim, num_heads: channels and heads.
+        window_size: window side (Swin/Twins use 7).
+        shift_size: cyclic shift (Swin: ``window_size // 2`` in every other block, 0 otherwise).
+        rel_pos_bias: learned relative position bias (Swin ``True``, Twins LSA ``False``).
+
+    A map whose shorter side is ``<= window_size`` is one clipped window with no shift (Swin's rule);
+    otherwise sides that do not divide are zero-padded at the bottom/right and cropped after attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, window_size: int = 7, shift_size: int = 0,
+                 rel_pos_bias: bool = True, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if int(window_size) != window_size or window_size < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got window_size={window_size}")
+        if int(shift_size) != shift_size or not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size must be an integer in [0, window_size={window_size}), got {shift_size}")
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = _check_heads(dim, num_heads)
+        self.window_size, self.shift_size = int(window_size), int(shift_size)
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_bias:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window_size - 1) ** 2, num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.register_buffer("relative_position_index",
+                                 _relative_position_index(self.window_size, self.window_size), persistent=False)
+        else:
+            self.relative_position_bias_table = None
+            self.relative_position_index = None
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.num_heads}, window_size={self.window_size}, "
+                f"shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"relative_position_bias_table"}
+
+    def _attn_mask(self, Hp: int, Wp: int, ws: int, shift: int, device) -> torch.Tensor | None:
+        """(num_windows * heads, N, N) additive mask: relative position bias + Swin's shift mask."""
+        nw = (Hp // ws) * (Wp // ws)
+        mask = None
+        if self.relative_position_bias_table is not None:
+            index = (self.relative_position_index if ws == self.window_size
+                     else _relative_position_index(ws, self.window_size, device))
+            bias = self.relative_position_bias_table[index.reshape(-1)].view(ws * ws, ws * ws, self.num_heads)
+            mask = bias.permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
+        if shift:
+            region = (_window_region_ids(Hp, ws, shift, device)[:, None] * 3
+                      + _window_region_ids(Wp, ws, shift, device)[None, :])  # (Hp, Wp)
+            region = region.view(Hp // ws, ws, Wp // ws, ws).transpose(1, 2).reshape(nw, ws * ws)
+            shift_mask = (region[:, None, :] != region[:, :, None]).to(self.qkv.weight.dtype) * -100.0
+            shift_mask = shift_mask.unsqueeze(1)  # (nw, 1, N, N)
+            mask = shift_mask if mask is None else mask + shift_mask
+        if mask is None:
+            return None
+        return mask.expand(nw, self.num_heads, ws * ws, ws * ws).reshape(nw * self.num_heads, ws * ws, ws * ws)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        if min(H, W) <= self.window_size:
+            ws, shift = min(H, W), 0
+        else:
+            ws, shift = self.window_size, self.shift_size
+        pad_b, pad_r = (-H) % ws, (-W) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        hg, wg = Hp // ws, Wp // ws
+        nh, hd = self.num_heads, self.head_dim
+        # (B, hg, ws, wg, ws, 3, nh, hd) -> (3, B, hg, wg, nh, ws, ws, hd): windows x heads become one batch dim
+        qkv = self.qkv(x).view(B, hg, ws, wg, ws, 3, nh, hd).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = qkv.reshape(3, B, hg * wg * nh, ws * ws, hd).unbind(0)
+        mask = self._attn_mask(Hp, Wp, ws, shift, x.device)
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.view(B, hg, wg, nh, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
+        return self.proj_drop(self.proj(x))
+
+
+def LocallyGroupedAttention(dim: int, num_heads: int = 8, window_size: int = TWINS_WINDOW, qkv_bias: bool = True,
+                            attn_drop: float = 0.0, proj_drop: float = 0.0) -> WindowAttention:
+    """Twins-SVT locally-grouped self-attention (LSA): window attention, no shift, no position bias."""
+    return WindowAttention(dim, num_heads, window_size=window_size, shift_size=0, rel_pos_bias=False,
+                           qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+
+
+class LinformerAttention(nn.Module):
+    """Linformer (Wang et al., 2020): keys and values projected along the sequence from ``seq_len`` to ``k``.
+
+    One ``E`` and one ``F`` projection (``nn.Linear(seq_len, k, bias=False)``) shared by all heads, so the
+    layer only accepts maps with ``H * W == seq_len``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, seq_len: int = 196, k: int = 256, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim, self.num_heads, self.seq_len, self.k = dim, num_heads, seq_len, k
+        self.head_dim = _check_heads(dim, num_heads)
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj_k = nn.Linear(seq_len, k, bias=False)
+        self.proj_v = nn.Linear(seq_len, k, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, seq_len={self.seq_len}, k={self.k}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        if H * W != self.seq_len:
+            raise ValueError(f"LinformerAttention was built for seq_len={self.seq_len}, got a {H}x{W} map")
+        q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k = self.proj_k(k.transpose(-2, -1)).transpose(-2, -1)  # (B, heads, k, hd)
+        v = self.proj_v(v.transpose(-2, -1)).transpose(-2, -1)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+
+def _orthogonal_random_features(num_features: int, dim: int, seed: int) -> torch.Tensor:
+    """Performer's Gaussian orthogonal random matrix (``num_features, dim``), rows scaled by chi(dim) norms."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = math.ceil(num_features / dim)
+    q, _ = torch.linalg.qr(torch.randn(blocks, dim, dim, generator=g))  # batched QR, orthonormal columns
+    rows = q.transpose(-2, -1).reshape(blocks * dim, dim)[:num_features]
+    norms = torch.randn(num_features, dim, generator=g).norm(dim=1)
+    return rows * norms[:, None]
+
+
+class PerformerAttention(nn.Module):
+    """Performer (Choromanski et al., 2021) FAVOR+ attention: softmax kernel by positive orthogonal random features.
+
+    Linear in the number of tokens: ``out = phi(q) (phi(k)^T v) / (phi(q) sum_n phi(k_n))`` with
+    ``num_features`` fixed (non-trainable) random features shared by all heads.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, num_features: int = 256, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, seed: int = 0, eps: float = 1e-4):
+        super().__init__()
+        self.dim, self.num_heads, self.num_features, self.eps = dim, num_heads, num_features, eps
+        self.head_dim = _check_heads(dim, num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.register_buffer("projection", _orthogonal_random_features(num_features, self.head_dim, seed))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, num_features={self.num_features}"
+
+    def _features(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        dn = self.head_dim ** -0.25
+        proj = torch.einsum("bhnd,md->bhnm", x * dn, self.projection.to(x.dtype))
+        diag = (x * x).sum(-1, keepdim=True) * (dn * dn / 2)
+        stab = proj.amax(-1, keepdim=True) if is_query else proj.amax((-2, -1), keepdim=True)
+        return (torch.exp(proj - diag - stab.detach()) + self.eps) * self.num_features ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self._features(q, True), self._features(k, False)  # (B, heads, N, m)
+        kv = torch.einsum("bhnm,bhnd->bhmd", k, v)
+        denom = torch.einsum("bhnm,bhm->bhn", q, k.sum(-2))
+        x = torch.einsum("bhnm,bhmd->bhnd", q, kv) / denom.unsqueeze(-1)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TokenAttention(nn.Module):
+    """Adapt a token-sequence attention ``(B, N, C) -> (B, N, C)`` (e.g. timm's XCiT ``XCA``) to ``(B, H, W, C)``."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"TokenAttention expects a channels-last (B, H, W, C) map, got shape {tuple(x.shape)}")
+        B, H, W, C = x.shape
+        return self.attn(x.reshape(B, H * W, C)).view(B, H, W, C)
+
+
+def create_attention(name: str, dim: int, num_heads: int, *, window_size: int, alpha: float,
+                     qkv_bias: bool = True, block_idx: int = 0, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                     stage_idx: int | None = None) -> nn.Module:
+    """Build the attention of a LITv2 block: HiLo or an ablation alternative (paper Table 4).
+
+    Args:
+        name: one of :data:`ATTENTION_CHOICES`.
+        dim, num_heads: channels and heads of the block.
+        window_size, alpha: HiLo's ``s`` and ``alpha`` (used by ``"hilo"`` only; the alternatives use their
+            own family's settings, see the module docstring).
+        block_idx: index of the block in its stage (Swin shifts odd blocks; Twins alternates LSA/GSA).
+        stage_idx: 0-based stage index (0..3) selecting PVT/Twins' per-stage ``sr_ratio`` (8, 4, 2, 1).
+            ``None``: inferred from the LITv2 config, ``window_size == 1`` (HiLo as plain MSA) marks the
+            last stage (sr 1), anything else the 1/16-scale stage 3 (sr 2).
+    """
+    key = str(name).lower()
+    if key not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    if key == "hilo":
+        from .hilo import HiLo
+        return HiLo(dim, num_heads, window_size=window_size, alpha=alpha, qkv_bias=qkv_bias,
+                    attn_drop=attn_drop, proj_drop=proj_drop)
+    if stage_idx is None:
+        stage_idx = NUM_STAGES - 1 if window_size == 1 else NUM_STAGES - 2
+    if not 0 <= stage_idx < NUM_STAGES:
+        raise ValueError(f"stage_idx must be in [0, {NUM_STAGES - 1}], got stage_idx={stage_idx}")
+    sr_ratio = PVT_SR_RATIOS[stage_idx]
+    common = dict(qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+    if key == "msa":
+        return MultiHeadSelfAttention(dim, num_heads, **common)
+    if key == "sra":
+        return SpatialReductionAttention(dim, num_heads, sr_ratio=sr_ratio, **common)
+    if key == "wmsa":
+        shift = SWIN_WINDOW // 2 if block_idx % 2 == 1 else 0
+        return WindowAttention(dim, num_heads, window_size=SWIN_WINDOW, shift_size=shift, rel_pos_bias=True, **common)
+    # tmsa: Twins-SVT alternates LSA (even blocks) and GSA (odd blocks)
+    if block_idx % 2 == 0:
+        return LocallyGroupedAttention(dim, num_heads, window_size=TWINS_WINDOW, **common)
+    return GlobalSubsampledAttention(dim, num_heads, sr_ratio=sr_ratio, **common)
