@@ -1,0 +1,127 @@
+"""Shared helpers of the benchmark scripts: round-robin timing, OOM detection, Markdown tables, matmul peak."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
+                "not enough memory", "failed to allocate")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA OOM and CPU allocation failures (``RuntimeError: ... can't allocate memory``)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def free_memory(device: torch.device | str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int = 5, warmup: int = 2,
+                max_seconds: float | None = None) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time every callable alternately: warm-up each, then ``rounds`` rounds visiting all of them.
+
+    The visiting order rotates every round, so a slow drift of the machine (thermal, other load) hits all
+    methods alike. Returns ``(seconds per call for each name, {name: "OOM"} for those that ran out of
+    memory)``. With ``max_seconds`` the rounds stop once that much time has passed (at least one round).
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, str] = {}
+
+    def call(name: str) -> float | None:
+        try:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            return time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - only OOM is swallowed
+            if not is_oom(e):
+                raise
+            errors[name] = "OOM"
+            free_memory(device)
+            return None
+
+    for name in fns:
+        for _ in range(warmup):
+            if name in errors or call(name) is None:
+                break
+    start = time.perf_counter()
+    for r in range(max(1, rounds)):
+        live = [n for n in fns if n not in errors]
+        if not live:
+            break
+        shift = r % len(live)
+        for name in live[shift:] + live[:shift]:
+            t = call(name)
+            if t is not None:
+                times[name].append(t)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return times, errors
+
+
+def median_rate(times: Sequence[float], items_per_call: int) -> float | None:
+    """Items per second from the median call time (``None`` without measurements)."""
+    return items_per_call / statistics.median(times) if times else None
+
+
+def matmul_peak_gflops(device="cpu", n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """Achieved GFLOP/s (2 * n^3 per product, the usual convention) of the best of ``repeats`` big ``torch.mm``."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
+    if value is None:
+        return missing
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_description(device="cpu") -> str:
+    import platform
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
