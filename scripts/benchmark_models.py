@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Inference (and optionally training) speed of LITv2-S/M/B next to peer models (paper Table 1 rows in timm).
+
+Models are measured alternately in one run (round-robin: warm-up, then ``--rounds`` rounds visiting every
+model, median per model), so drifting machine load affects all alike. Defaults follow the paper's
+protocol where this machine allows: CPU fp32 at batch 16 (``--batch-size``) and, when CUDA is available,
+bf16 autocast at batch 64 (``--gpu-batch-size``); input 224x224. Params and GFLOPs (fvcore, MACs, one
+image) come from :mod:`litv2.profiling`. The machine's fp32 ``torch.mm`` GFLOP/s is measured first so each
+model's achieved FLOP rate can be read as a share of that peak (``2 * GMACs * img/s / peak``).
+
+Weights are never downloaded (``pretrained=False``); FasterViT comes from the ``fastervit`` package
+(registered with timm on import).
+
+Examples::
+
+    python scripts/benchmark_models.py                                   # default set, CPU (+ GPU if present)
+    python scripts/benchmark_models.py --models default,large --train    # + Swin-S/B, ConvNeXt-S/B, ...
+    python scripts/benchmark_models.py --models litv2_s,resnet50 --threads 2 --rounds 7
+    python scripts/benchmark_models.py --smoke                           # seconds, tiny input, 1 round
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402
+    fmt, free_memory, machine_description, markdown_table, matmul_peak_gflops, median_rate, round_robin,
+)
+
+DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
+                  "pvt_v2_b2", "faster_vit_0_224")
+LARGE_MODELS = ("swin_small_patch4_window7_224", "swin_base_patch4_window7_224", "convnext_small", "convnext_base",
+                "resnet101", "resnet152", "twins_pcpvt_small", "twins_svt_small", "twins_svt_base", "twins_svt_large",
+                "faster_vit_1_224", "faster_vit_2_224")
+SMOKE_MODELS = ("litv2_s", "resnet50", "faster_vit_0_224")
+REFERENCE = "litv2_s"
+# Paper Table 1: GPU throughput (img/s, RTX 3090, batch 64, fp32 as published) for the rows timm has.
+PAPER_GPU = {"litv2_s": 1471, "litv2_m": 812, "litv2_b": 602, "swin_tiny_patch4_window7_224": 961,
+             "swin_small_patch4_window7_224": 582, "swin_base_patch4_window7_224": 386, "convnext_tiny": 1079,
+             "convnext_small": 639, "convnext_base": 469, "resnet50": 1279, "resnet101": 722, "resnet152": 512,
+             "twins_pcpvt_small": 998, "twins_svt_base": 621, "twins_svt_large": 440}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="default",
+                   help="comma list of timm names; 'default' and 'large' expand to the built-in sets")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16, help="CPU batch (inference and --train)")
+    p.add_argument("--gpu-batch-size", type=int, default=64)
+    p.add_argument("--devices", default="auto", help="cpu, cuda or cpu,cuda (default: cpu + cuda if available)")
+    p.add_argument("--gpu-fp32", action="store_true", help="fp32 on GPU instead of bf16 autocast")
+    p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop the timing rounds after this long")
+    p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long check: 64x64 input, batch 2, 1 round, CPU, models " + ",".join(SMOKE_MODELS))
+    p.add_argument("--out-dir", default="outputs/benchmark_models")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.img_size, args.batch_size, args.rounds, args.warmup, args.devices = 64, 2, 1, 1, "cpu"
+        if args.models == "default":
+            args.models = ",".join(SMOKE_MODELS)
+    for name in ("img_size", "batch_size", "gpu_batch_size", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def expand_models(spec: str) -> list[str]:
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        group = {"default": DEFAULT_MODELS, "large": LARGE_MODELS}.get(item.lower(), (item,) if item else ())
+        names += [n for n in group if n not in names]
+    if not names:
+        raise SystemExit("--models is empty")
+    return names
+
+
+def build_model(name: str, img_size: int) -> nn.Module:
+    """``timm.create_model(name, pretrained=False)``; non-224 inputs get the size-dependent kwargs."""
+    import timm
+
+    import litv2  # noqa: F401  (registers litv2_*)
+    kwargs = {}
+    if name.startswith("faster_vit"):
+        import fastervit  # noqa: F401  (registers faster_vit_* with timm)
+        if img_size != 224:
+            name = re.sub(r"_224$", "_any_res", name)
+            kwargs["resolution"] = [img_size, img_size]
+    elif img_size != 224 and name.startswith(("swin", "litv2", "twins")):
+        kwargs["img_size"] = img_size
+    if name not in timm.list_models() and not timm.is_model(name):
+        raise SystemExit(f"unknown model {name!r} (not in timm's registry)")
+    return timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
+
+
+def inference_fn(model: nn.Module, x: torch.Tensor, amp_dtype):
+    def run():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(x)
+    return run
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, amp_dtype):
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run():
+        model.train()
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return run
+
+
+def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args, amp_dtype, train: bool) -> dict:
+    fns = {}
+    for name, m in models.items():
+        m.to(device)
+        x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+        fns[name] = (train_step_fn if train else inference_fn)(m, x, amp_dtype)
+    times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds)
+    out = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
+    for m in models.values():
+        m.eval().cpu()
+        m.zero_grad(set_to_none=True)
+    free_memory(device)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from litv2.profiling import count_flops, count_params
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    if args.devices == "auto":
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    else:
+        devices = [torch.device(d.strip()) for d in args.devices.split(",") if d.strip()]
+        if any(d.type == "cuda" for d in devices) and not cuda:
+            raise SystemExit("--devices asks for cuda but CUDA is not available")
+    names = expand_models(args.models)
+    t0 = time.perf_counter()
+
+    peak = {}
+    if not args.no_peak:
+        for d in devices:
+            peak[d.type] = matmul_peak_gflops(d, n=1024 if args.smoke else (2048 if d.type == "cpu" else 8192))
+
+    models, rows = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        m = build_model(name, args.img_size)
+        models[name] = m
+        rows[name] = {"params": count_params(m), "gflops": count_flops(m, args.img_size) / 1e9}
+
+    runs = []  # (column key, device, batch, amp dtype, train)
+    for d in devices:
+        if d.type == "cpu":
+            runs.append(("cpu", d, args.batch_size, None, False))
+            if args.train:
+                runs.append(("cpu_train", d, args.batch_size, None, True))
+        else:
+            amp = None if args.gpu_fp32 else torch.bfloat16
+            runs.append(("gpu", d, args.gpu_batch_size, amp, False))
+            if args.train:
+                runs.append(("gpu_train", d, args.batch_size, amp, True))
+    for key, d, batch, amp, train in runs:
+        res = measure(models, d, batch, args, amp, train)
+        for name, v in res.items():
+            rows[name][f"{key}_img_s"] = v
+
+    ref = rows.get(REFERENCE)
+    headers = ["Model", "Params (M)", "GFLOPs"]
+    for key, d, batch, amp, train in runs:
+        what = "train " if train else ""
+        prec = "bf16" if amp is not None else "fp32"
+        headers += [f"{d.type.upper()} {what}{prec} img/s (bs {batch})"]
+        if ref is not None:
+            headers += [f"× {REFERENCE}"]
+        if not train and d.type in peak:
+            headers += ["% matmul peak"]
+    if "gpu" in [r[0] for r in runs]:
+        headers += ["Paper GPU img/s"]
+    table = []
+    for name, r in rows.items():
+        row = [name, f"{r['params'] / 1e6:.1f}", f"{r['gflops']:.2f}"]
+        for key, d, batch, amp, train in runs:
+            v = r.get(f"{key}_img_s")
+            row.append(fmt(v, ".1f"))
+            if ref is not None:
+                rv = ref.get(f"{key}_img_s")
+                ratio = v / rv if isinstance(v, float) and isinstance(rv, float) else None
+                r[f"{key}_ratio"] = ratio
+                row.append(fmt(ratio, ".2f"))
+            if not train and d.type in peak:
+                share = 100 * 2 * r["gflops"] * v / peak[d.type] if isinstance(v, float) else None
+                r[f"{key}_pct_peak"] = share
+                row.append(fmt(share, ".1f"))
+        if "gpu" in [x[0] for x in runs]:
+            row.append(fmt(PAPER_GPU.get(name), "d"))
+        table.append(row)
+    machine = "; ".join(machine_description(d) for d in devices)
+    peak_txt = ", ".join(f"{k.upper()} fp32 matmul peak {v:.0f} GFLOP/s" for k, v in peak.items())
+    cmd = "python scripts/benchmark_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"Model benchmark at {args.img_size}x{args.img_size}, round-robin over {len(models)} models, "
+              f"{args.rounds} round(s), median; {machine}" + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
+    md = header + "\n\n" + markdown_table(headers, table)
+    if ref is not None and "cpu" in peak and isinstance(ref.get("cpu_img_s"), float):
+        achieved = 2 * ref["gflops"] * ref["cpu_img_s"]
+        md += (f"\n\n{REFERENCE} on CPU: {achieved:.0f} GFLOP/s achieved "
+               f"(2 x {ref['gflops']:.2f} GMACs x {ref['cpu_img_s']:.1f} img/s) = "
+               f"{100 * achieved / peak['cpu']:.1f}% of the measured fp32 matmul peak")
+    print(md)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmark_models.md").write_text(md + "\n")
+    payload = {"args": vars(args), "machine": machine, "matmul_peak_gflops": peak, "rows": rows,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    (out_dir / "benchmark_models.json").write_text(json.dumps(payload, indent=2, default=str))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
