@@ -207,7 +207,6 @@ class LITv2(nn.Module):
         global_pool: str = "avg",
         patch_size: int = 4,
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
-        **kwargs,
     ):
         super().__init__()
         depths = list(depths)
