@@ -1,0 +1,10 @@
+"""Data: datasets (ImageFolder / digits / synthetic), timm transforms and Mixup, loaders."""
+from .builder import build_eval_loader, build_mixup_and_criterion, build_train_loader, build_transform, dataset_root
+from .datasets import (
+    RobustImageFolder,
+    SyntheticDataset,
+    check_image_folder,
+    collate_skip_corrupt,
+    prepare_digits,
+)
+from .samplers import ResumableSampler, ShardSampler

@@ -1,0 +1,87 @@
+"""From the `data` and `aug` configs to datasets, timm transforms, loaders, Mixup and the loss."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from litv2.errors import UserError
+
+from .datasets import RobustImageFolder, SyntheticDataset, check_image_folder, collate_skip_corrupt, prepare_digits
+from .samplers import ResumableSampler, ShardSampler
+
+
+def dataset_root(data_cfg, splits=("train", "val")) -> Path | None:
+    """Where the ImageFolder tree is (building the digits on first use); None for synthetic data.
+
+    Raises UserError, naming the path and the expected layout, if the tree is missing or malformed.
+    """
+    if data_cfg.name == "synthetic":
+        return None
+    if data_cfg.root is None:
+        raise UserError(f"data.root is not set for data={data_cfg.name}")
+    root = Path(str(data_cfg.root)).expanduser()
+    if data_cfg.name == "digits":
+        prepare_digits(root)
+    check_image_folder(root, splits=splits, num_classes=data_cfg.num_classes)
+    return root
+
+
+def build_transform(data_cfg, aug_cfg, is_training: bool):
+    if not is_training:
+        return create_transform(
+            data_cfg.img_size, is_training=False, interpolation=data_cfg.interpolation,
+            crop_pct=data_cfg.crop_pct, crop_mode=data_cfg.crop_mode,
+            mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+    return create_transform(
+        data_cfg.img_size, is_training=True, auto_augment=aug_cfg.auto_augment,
+        color_jitter=aug_cfg.color_jitter or None, interpolation=aug_cfg.interpolation,
+        re_prob=aug_cfg.reprob, re_mode=aug_cfg.remode, re_count=aug_cfg.recount,
+        mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+
+
+def _dataset(data_cfg, aug_cfg, root, split: str, is_training: bool):
+    if data_cfg.name == "synthetic":
+        size = data_cfg.train_size if split == "train" else data_cfg.val_size
+        return SyntheticDataset(size, data_cfg.img_size, data_cfg.num_classes)
+    return RobustImageFolder(str(root / split), transform=build_transform(data_cfg, aug_cfg, is_training))
+
+
+def _loader(data_cfg, dataset, sampler, drop_last: bool):
+    workers = int(data_cfg.num_workers)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=drop_last,
+        num_workers=workers, pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available(),
+        persistent_workers=bool(data_cfg.persistent_workers) and workers > 0,
+        collate_fn=collate_skip_corrupt,
+        generator=torch.Generator())  # its own generator: iterating never consumes the global RNG
+
+
+def build_train_loader(cfg, root, rank: int = 0, world_size: int = 1):
+    """Training loader and its ResumableSampler (call ``sampler.set_epoch(epoch, start)`` per epoch)."""
+    ds = _dataset(cfg.data, cfg.aug, root, "train", is_training=True)
+    if len(ds) < world_size * cfg.data.batch_size:
+        raise UserError(f"the training set ({len(ds)} images) is smaller than one global batch "
+                        f"({world_size} x data.batch_size={cfg.data.batch_size})")
+    sampler = ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
+    return _loader(cfg.data, ds, sampler, drop_last=True), sampler
+
+
+def build_eval_loader(data_cfg, root, rank: int = 0, world_size: int = 1, split: str = "val"):
+    ds = _dataset(data_cfg, None, root, split, is_training=False)
+    return _loader(data_cfg, ds, ShardSampler(len(ds), rank, world_size), drop_last=False)
+
+
+def build_mixup_and_criterion(aug_cfg, num_classes: int):
+    """timm Mixup/CutMix (or None) and the matching training loss."""
+    active = aug_cfg.mixup > 0 or aug_cfg.cutmix > 0 or aug_cfg.cutmix_minmax is not None
+    if active and aug_cfg.mixup_prob > 0:
+        mixup = Mixup(mixup_alpha=aug_cfg.mixup, cutmix_alpha=aug_cfg.cutmix, cutmix_minmax=aug_cfg.cutmix_minmax,
+                      prob=aug_cfg.mixup_prob, switch_prob=aug_cfg.mixup_switch_prob, mode=aug_cfg.mixup_mode,
+                      label_smoothing=aug_cfg.smoothing, num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if aug_cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=aug_cfg.smoothing)
+    return None, torch.nn.CrossEntropyLoss()

@@ -1,0 +1,123 @@
+"""Config -> model, optimizer, LR schedule; and the up-front checks of a config.
+
+``check_config`` runs before anything is built or loaded, so every user mistake it knows about
+ends the program with one line (see litv2.errors.UserError).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+
+import timm
+import torch
+from omegaconf import OmegaConf
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from litv2.errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATASETS = ("imagenet", "digits", "synthetic")
+
+
+def _register_model_families(name: str):
+    import litv2.models  # noqa: F401  registers litv2_* with timm
+
+    if name.startswith("faster_vit"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import fastervit  # noqa: F401  registers faster_vit_* with timm
+
+
+def check_model_name(name):
+    if not isinstance(name, str) or not name:
+        raise UserError("model.name is not set (e.g. model=litv2_s, or model=timm model.name=resnet50)")
+    _register_model_families(name)
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UserError(f"unknown model {name!r}: not a timm model name{hint}")
+
+
+def check_hilo(hilo_cfg):
+    a, ws = hilo_cfg.alpha, hilo_cfg.window_size
+    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not (0.0 <= a <= 1.0) or math.isnan(a):
+        raise UserError(f"hilo.alpha={a} is invalid: alpha is the Lo-Fi share of heads and must be in [0, 1]")
+    if isinstance(ws, bool) or not isinstance(ws, numbers.Integral) or ws < 1:
+        raise UserError(f"hilo.window_size={ws} is invalid: the HiLo window size must be an integer >= 1")
+
+
+def check_config(cfg, training: bool = True):
+    """Validate everything that can be checked without building anything."""
+    if "model" not in cfg or "name" not in cfg.model or OmegaConf.is_missing(cfg.model, "name"):
+        raise UserError("model.name is not set (e.g. model=litv2_s, or model=timm model.name=resnet50)")
+    check_hilo(cfg.hilo)
+    check_model_name(cfg.model.name)
+    if cfg.data.name not in DATASETS:
+        raise UserError(f"data.name={cfg.data.name!r} is not one of {', '.join(DATASETS)}")
+    if cfg.data.batch_size < 1:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    t = cfg.trainer
+    if t.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if not training:
+        return
+    if t.accum_steps < 1:
+        raise UserError(f"trainer.accum_steps={t.accum_steps} must be >= 1")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise UserError(f"trainer.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
+    if t.resume not in (None, "auto", "none") and not Path(str(t.resume)).is_file():
+        raise UserError(f"trainer.resume={t.resume}: no such checkpoint file (use auto, none or a .pth path)")
+    if t.init_from is not None and not Path(str(t.init_from)).is_file():
+        raise UserError(f"trainer.init_from={t.init_from}: no such checkpoint file")
+
+
+def model_kwargs(model_cfg) -> dict:
+    kw = OmegaConf.to_container(model_cfg, resolve=True)
+    kw.pop("name")
+    return kw
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """timm.create_model(model.name, num_classes=data.num_classes, **rest of model.*); never pretrained."""
+    name = cfg.model.name
+    _register_model_families(name)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=cfg.data.num_classes, **model_kwargs(cfg.model))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model={name}: {str(e).splitlines()[0]}") from None
+
+
+def lr_scale(cfg, world_size: int) -> float:
+    """Linear LR scaling: global batch / optim.lr_base_batch."""
+    global_batch = world_size * cfg.data.batch_size * cfg.trainer.accum_steps
+    return global_batch / cfg.optim.lr_base_batch
+
+
+def build_optimizer(cfg, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases, 1-D params; DTM offset convs at lr x offset_lr_scale."""
+    o = cfg.optim
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=skip)
+    offset = {id(p) for n, p in model.named_parameters() if "conv_offset" in n}
+    split = []
+    for g in groups:
+        rest = [p for p in g["params"] if id(p) not in offset]
+        off = [p for p in g["params"] if id(p) in offset]
+        if rest:
+            split.append({**g, "params": rest})
+        if off:
+            split.append({**g, "params": off, "lr_scale": o.offset_lr_scale})
+    return torch.optim.AdamW(split, lr=o.lr * lr_scale(cfg, world_size), betas=tuple(o.betas), eps=o.eps)
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch: int, world_size: int) -> CosineLRScheduler:
+    """Cosine to min_lr over all epochs with a linear warmup, stepped per optimizer step (Swin/LITv1)."""
+    s, scale = cfg.sched, lr_scale(cfg, world_size)
+    return CosineLRScheduler(
+        optimizer, t_initial=cfg.trainer.epochs * steps_per_epoch, lr_min=s.min_lr * scale,
+        warmup_lr_init=s.warmup_lr * scale, warmup_t=int(s.warmup_epochs * steps_per_epoch),
+        cycle_limit=1, t_in_epochs=False)

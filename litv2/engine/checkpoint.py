@@ -1,0 +1,134 @@
+"""Checkpoints: atomic saves, safe loads, RNG state capture, finding what to resume.
+
+A save writes ``<name>.tmp-<pid>`` and renames it into place (``os.replace`` is atomic), so a
+crash mid-write never damages the previous file; the previous ``last.pth`` is kept as
+``last.prev.pth``. Loads use ``weights_only=True``; an unreadable or truncated file raises
+:class:`CheckpointError` (resume then falls back to ``last.prev.pth``), never a silent load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from litv2.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "litv2-train-v1"
+LAST, PREV, BEST = "last.pth", "last.prev.pth", "best.pth"
+# Keys that do not change what a run computes: a rerun that differs only here is the same run.
+_NOT_IDENTITY = ("trainer.resume", "logger", "data.num_workers", "data.pin_memory", "data.persistent_workers")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def save_atomic(state: dict, path, keep_previous: str | None = None):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(keep_previous))
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def load_file(path) -> dict:
+    """torch.load(weights_only=True) with one clear error for missing / unreadable / truncated files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unsafe pickle, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
+    return state
+
+
+def load_resume_state(run_dir) -> tuple[dict, Path] | None:
+    """The newest readable training checkpoint in run_dir: last.pth, else last.prev.pth."""
+    errors = []
+    for name in (LAST, PREV):
+        p = Path(run_dir) / name
+        if not p.exists():
+            continue
+        try:
+            state = load_file(p)
+            if state.get("format") != FORMAT:
+                raise CheckpointError(f"checkpoint {p} is not a training checkpoint of this framework")
+            if errors:
+                log.warning("%s; resuming from the previous checkpoint %s instead", errors[-1], p)
+            return state, p
+        except CheckpointError as e:
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    return None
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_hash(cfg) -> str:
+    """Identity of a run's configuration (what it computes), for trainer.resume=auto."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in _NOT_IDENTITY:
+        *parents, leaf = dotted.split(".")
+        node = c
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_unfinished_run(runs_root, cfg_hash: str, exclude=None) -> Path | None:
+    """Latest run dir under runs_root with this config hash, a checkpoint and no summary.json."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return None
+    found = []
+    for f in root.rglob("config_hash"):
+        d = f.parent
+        if exclude is not None and d.resolve() == Path(exclude).resolve():
+            continue
+        if f.read_text().strip() != cfg_hash or (d / "summary.json").exists():
+            continue
+        if (d / LAST).exists() or (d / PREV).exists():
+            found.append((max((d / n).stat().st_mtime for n in (LAST, PREV) if (d / n).exists()), d))
+    return max(found)[1] if found else None

@@ -1,0 +1,42 @@
+"""What train.py / eval.py need around the engine: one-line errors and torchrun-safe Hydra dirs."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+
+from litv2.errors import UserError
+
+from .signals import Preempted
+
+
+def _launched_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def rank_zero_hydra_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun, only rank 0 lets Hydra create the run dir; other ranks get it from rank 0.
+
+    Every rank resolves ``${now:...}`` on its own, so left alone each would make its own dir.
+    Ranks > 0 point Hydra at an existing scratch dir and write no .hydra/ files there.
+    """
+    if _launched_rank() == 0 or any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    return argv + ["hydra.output_subdir=null", f"hydra.run.dir={tempfile.gettempdir()}"]
+
+
+def main_guard(fn, *args, exit_code_on_signal: int = 143, **kwargs):
+    """Call fn; a UserError becomes one line on stderr and exit status 2; a save-on-signal stop
+    hands the signal on (e.g. to submitit's requeue handler) or exits with ``exit_code_on_signal``."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Preempted as p:
+        print(f"stopped: {p}", file=sys.stderr, flush=True)
+        prev = p.previous_handler
+        if callable(prev) and prev not in (signal.default_int_handler,):
+            prev(p.signum, None)
+        sys.exit(exit_code_on_signal)

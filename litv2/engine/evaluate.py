@@ -1,0 +1,129 @@
+"""Evaluation: top-1 / top-5 / loss over a (sharded) val loader, weight loading, the eval.py job."""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from litv2.errors import UserError
+
+from .checkpoint import FORMAT, load_file
+from .distributed import DistInfo, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = AMP_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | None = None,
+             channels_last: bool = False) -> dict:
+    """Top-1, top-5 (%), mean cross-entropy and the image count, exact across ranks.
+
+    Each rank evaluates its own shard (no padding); sums are all-reduced, so every val image is
+    counted exactly once whatever the world size.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images, skipped
+    for images, targets, skipped in loader:
+        sums[4] += skipped
+        if images is None:
+            continue
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(targets[:, None])
+        sums[0] += hit[:, 0].sum()
+        sums[1] += hit.any(dim=1).sum()
+        sums[2] += F.cross_entropy(logits, targets, reduction="sum")
+        sums[3] += len(targets)
+    if info is not None:
+        all_reduce_sum(sums, info)
+    model.train(was_training)
+    c1, c5, loss, n, skipped = sums.tolist()
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "loss": loss / max(n, 1),
+            "images": int(n), "skipped_images": int(skipped)}
+
+
+def load_weights(model, path, use_ema: bool = False, strict: bool = True) -> dict:
+    """Load our training checkpoint (optionally its EMA) or an authors' release file into ``model``.
+
+    Returns the file's contents (for its metadata). A file that does not fit the model raises
+    UserError naming the first mismatching keys.
+    """
+    state = load_file(path)
+    sd = state
+    if state.get("format") == FORMAT:
+        if use_ema and state.get("ema") is None:
+            raise UserError(f"checkpoint {path} holds no EMA weights (trained with trainer.ema.enabled=false)")
+        sd = state["ema"] if use_ema else state["model"]
+    from litv2.models import checkpoint_filter_fn
+
+    sd = checkpoint_filter_fn(sd, model)  # unwraps {"model": ...}, strips module./_orig_mod., drops a foreign head
+    head_dropped = [k for k in model.state_dict() if k.startswith("head.") and k not in sd]
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if k not in head_dropped]
+    if strict and (missing or result.unexpected_keys or head_dropped):
+        raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: missing keys "
+                        f"{(missing + head_dropped)[:3]}, unexpected keys {result.unexpected_keys[:3]}")
+    if missing or result.unexpected_keys:
+        log.warning("loaded %s with %d missing and %d unexpected keys", path, len(missing), len(result.unexpected_keys))
+    return state
+
+
+def profile_model(model, cfg, device) -> dict:
+    """The efficiency report of the paper's Table 1 (params, GFLOPs, img/s, train/test memory)."""
+    from litv2.profiling import efficiency_report
+
+    p = cfg.profile
+    try:
+        return efficiency_report(model, img_size=p.img_size, device=device, batch_size=p.batch_size,
+                                 runs=p.runs, warmup=p.warmup, memory=p.memory)
+    except Exception as e:  # profiling must never cost a finished training run
+        log.warning("efficiency report failed: %s", e)
+        return {"profile_error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
+
+def run_eval(cfg) -> dict:
+    """The eval.py job: accuracy of a checkpoint on data.root/val plus the efficiency report."""
+    from litv2.data import build_eval_loader, dataset_root
+    from litv2.logging import format_table
+
+    from .builders import build_model, check_config
+    from .distributed import init_distributed
+
+    check_config(cfg, training=False)
+    if not cfg.profile_only and cfg.checkpoint is None:
+        raise UserError("checkpoint=<path> is required (or profile_only=true for the efficiency table alone)")
+    info = init_distributed(cfg.trainer.device)
+    model = build_model(cfg)
+    results = {}
+    if not cfg.profile_only:
+        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema)
+        root = dataset_root(cfg.data, splits=("val",))
+        model.to(info.device)
+        loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
+        results.update(evaluate(model, loader, info.device, cfg.trainer.precision, info))
+    if cfg.profile.enabled or cfg.profile_only:
+        results.update(profile_model(model, cfg, info.device))
+    if info.is_main:
+        print(format_table({k: v for k, v in results.items() if not isinstance(v, (list, dict))}))
+        if cfg.get("output"):
+            import json
+
+            with open(cfg.output, "w") as f:
+                json.dump(results, f, indent=2)
+    return results
