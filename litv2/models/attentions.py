@@ -14,9 +14,10 @@ Ablation choices (``create_attention``), each with its own family's settings, no
   (stage 3) and ``sr = 1`` (plain MSA with separate q / kv projections) in the last stage.
 * ``wmsa`` - Swin (shifted) window attention, window 7 with a learned relative position bias; blocks
   with an odd ``block_idx`` shift the windows by ``window // 2`` and use Swin's attention mask. As in
-  Swin, a map whose shorter side is ``<= window`` is attended as one window (clipped window, no
-  shift: the whole 7x7 map of stage 4 at 224), and sides that do not divide are zero-padded at the
-  bottom/right (padded tokens take part in attention, as in Swin) and cropped afterwards.
+  Swin (timm's per-side rule), a side ``<= window`` gets a window clipped to it and no shift, so a map
+  no larger than the window is one window (the whole 7x7 map of stage 4 at 224); sides that do not
+  divide are zero-padded at the bottom/right (padded tokens take part in attention, as in Swin) and
+  cropped afterwards.
 * ``tmsa`` - Twins-SVT: even blocks use locally-grouped self-attention (LSA, window 7, no position
   bias), odd blocks global sub-sampled attention (GSA, = SRA with Twins' ``sr_ratios = (8, 4, 2, 1)``).
 * ``hilo`` - :class:`litv2.models.hilo.HiLo`.
@@ -140,21 +141,23 @@ class SpatialReductionAttention(nn.Module):
 GlobalSubsampledAttention = SpatialReductionAttention  # Twins-SVT GSA
 
 
-def _relative_position_index(window: int, table_window: int, device=None) -> torch.Tensor:
-    """Swin's (window^2, window^2) index into a ((2 * table_window - 1)^2, heads) bias table.
+def _relative_position_index(wh: int, ww: int, table_window: int, device=None) -> torch.Tensor:
+    """Swin's (wh*ww, wh*ww) index into a ((2 * table_window - 1)^2, heads) relative position bias table.
 
-    ``window <= table_window``: a clipped window reads the centre of the full table, so the bias of a
+    A window clipped to ``wh x ww <= table_window^2`` reads the centre of the full table, so the bias of a
     relative offset is the same parameter whatever the window size.
     """
-    coords = torch.stack(torch.meshgrid(torch.arange(window, device=device), torch.arange(window, device=device),
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
                                         indexing="ij")).flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)  # (2, N, N), offsets >= 0
     return rel[0] * (2 * table_window - 1) + rel[1]
 
 
 def _window_region_ids(size: int, window: int, shift: int, device=None) -> torch.Tensor:
-    """Swin's cyclic-shift regions along one side: 0 for [0, size-window), 1 up to size-shift, 2 after."""
+    """Swin's cyclic-shift regions along one side: [0, size-window) / [size-window, size-shift) / rest."""
     idx = torch.arange(size, device=device)
+    if shift == 0:
+        return torch.zeros_like(idx)
     return (idx >= size - window).long() + (idx >= size - shift).long()
 
 
@@ -167,8 +170,10 @@ class WindowAttention(nn.Module):
         shift_size: cyclic shift (Swin: ``window_size // 2`` in every other block, 0 otherwise).
         rel_pos_bias: learned relative position bias (Swin ``True``, Twins LSA ``False``).
 
-    A map whose shorter side is ``<= window_size`` is one clipped window with no shift (Swin's rule);
-    otherwise sides that do not divide are zero-padded at the bottom/right and cropped after attention.
+    A side of the map that is ``<= window_size`` gets a window clipped to that side and no shift along it
+    (Swin's rule, per side as in timm), so a map no larger than the window is attended as a whole; other
+    sides that do not divide are zero-padded at the bottom/right (padded tokens take part in attention, as
+    in Swin and Twins) and the output is cropped.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, window_size: int = 7, shift_size: int = 0,
@@ -188,8 +193,8 @@ class WindowAttention(nn.Module):
         if rel_pos_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window_size - 1) ** 2, num_heads))
             trunc_normal_(self.relative_position_bias_table, std=0.02)
-            self.register_buffer("relative_position_index",
-                                 _relative_position_index(self.window_size, self.window_size), persistent=False)
+            self.register_buffer("relative_position_index", _relative_position_index(
+                self.window_size, self.window_size, self.window_size), persistent=False)
         else:
             self.relative_position_bias_table = None
             self.relative_position_index = None
@@ -202,52 +207,51 @@ class WindowAttention(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"relative_position_bias_table"}
 
-    def _attn_mask(self, Hp: int, Wp: int, ws: int, shift: int, device) -> torch.Tensor | None:
+    def _attn_mask(self, Hp: int, Wp: int, wh: int, ww: int, sh: int, sw: int, device) -> torch.Tensor | None:
         """(num_windows * heads, N, N) additive mask: relative position bias + Swin's shift mask."""
-        nw = (Hp // ws) * (Wp // ws)
+        nw, n = (Hp // wh) * (Wp // ww), wh * ww
         mask = None
         if self.relative_position_bias_table is not None:
-            index = (self.relative_position_index if ws == self.window_size
-                     else _relative_position_index(ws, self.window_size, device))
-            bias = self.relative_position_bias_table[index.reshape(-1)].view(ws * ws, ws * ws, self.num_heads)
+            index = (self.relative_position_index if wh == ww == self.window_size
+                     else _relative_position_index(wh, ww, self.window_size, device))
+            bias = self.relative_position_bias_table[index.reshape(-1)].view(n, n, self.num_heads)
             mask = bias.permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
-        if shift:
-            region = (_window_region_ids(Hp, ws, shift, device)[:, None] * 3
-                      + _window_region_ids(Wp, ws, shift, device)[None, :])  # (Hp, Wp)
-            region = region.view(Hp // ws, ws, Wp // ws, ws).transpose(1, 2).reshape(nw, ws * ws)
+        if sh or sw:
+            region = (_window_region_ids(Hp, wh, sh, device)[:, None] * 3
+                      + _window_region_ids(Wp, ww, sw, device)[None, :])  # (Hp, Wp)
+            region = region.view(Hp // wh, wh, Wp // ww, ww).transpose(1, 2).reshape(nw, n)
             shift_mask = (region[:, None, :] != region[:, :, None]).to(self.qkv.weight.dtype) * -100.0
             shift_mask = shift_mask.unsqueeze(1)  # (nw, 1, N, N)
             mask = shift_mask if mask is None else mask + shift_mask
         if mask is None:
             return None
-        return mask.expand(nw, self.num_heads, ws * ws, ws * ws).reshape(nw * self.num_heads, ws * ws, ws * ws)
+        return mask.expand(nw, self.num_heads, n, n).reshape(nw * self.num_heads, n, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
-        if min(H, W) <= self.window_size:
-            ws, shift = min(H, W), 0
-        else:
-            ws, shift = self.window_size, self.shift_size
-        pad_b, pad_r = (-H) % ws, (-W) % ws
+        wh, ww = min(H, self.window_size), min(W, self.window_size)
+        sh = self.shift_size if H > self.window_size else 0
+        sw = self.shift_size if W > self.window_size else 0
+        pad_b, pad_r = (-H) % wh, (-W) % ww
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        hg, wg = Hp // ws, Wp // ws
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        hg, wg = Hp // wh, Wp // ww
         nh, hd = self.num_heads, self.head_dim
-        # (B, hg, ws, wg, ws, 3, nh, hd) -> (3, B, hg, wg, nh, ws, ws, hd): windows x heads become one batch dim
-        qkv = self.qkv(x).view(B, hg, ws, wg, ws, 3, nh, hd).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        q, k, v = qkv.reshape(3, B, hg * wg * nh, ws * ws, hd).unbind(0)
-        mask = self._attn_mask(Hp, Wp, ws, shift, x.device)
+        # (B, hg, wh, wg, ww, 3, nh, hd) -> (3, B, hg, wg, nh, wh, ww, hd): windows x heads become one batch dim
+        qkv = self.qkv(x).view(B, hg, wh, wg, ww, 3, nh, hd).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = qkv.reshape(3, B, hg * wg * nh, wh * ww, hd).unbind(0)
+        mask = self._attn_mask(Hp, Wp, wh, ww, sh, sw, x.device)
         if mask is not None:
             mask = mask.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.view(B, hg, wg, nh, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        x = x.view(B, hg, wg, nh, wh, ww, hd).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         if pad_b or pad_r:
             x = x[:, :H, :W]
         return self.proj_drop(self.proj(x))

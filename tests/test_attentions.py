@@ -1,0 +1,309 @@
+"""Ablation attentions (paper Table 4) and single-layer baselines (supplementary Table IV)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from litv2.models.attentions import (
+    ATTENTION_CHOICES, LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention, PerformerAttention,
+    SpatialReductionAttention, TokenAttention, WindowAttention, create_attention,
+)
+
+DIM, HEADS = 48, 6
+MAPS = [(14, 14), (9, 11), (7, 7), (3, 5)]  # divides 7 and 2 / divides neither / one window / smaller than window
+
+
+def _linear(cin, cout, bias=True):
+    return cin * cout + (cout if bias else 0)
+
+
+def expected_params(name: str, dim: int, heads: int, *, stage_idx: int, block_idx: int, alpha: float = 0.5,
+                    window_size: int = 2, qkv_bias: bool = True) -> int:
+    """Parameter count from the layer shapes of each family (independent of the implementation)."""
+    msa = _linear(dim, 3 * dim, qkv_bias) + _linear(dim, dim)
+    sr = (8, 4, 2, 1)[stage_idx]
+    sra = _linear(dim, dim, qkv_bias) + _linear(dim, 2 * dim, qkv_bias) + _linear(dim, dim)
+    if sr > 1:
+        sra += dim * dim * sr * sr + dim + 2 * dim  # conv sr x sr (+ bias) and LayerNorm
+    if name == "msa":
+        return msa
+    if name == "sra":
+        return sra
+    if name == "wmsa":
+        return msa + (2 * 7 - 1) ** 2 * heads  # relative position bias table of a 7x7 window
+    if name == "tmsa":
+        return msa if block_idx % 2 == 0 else sra
+    hd = dim // heads
+    lo = heads if window_size == 1 else math.floor(heads * alpha)
+    hi = heads - lo
+    n = 0
+    if hi:
+        n += _linear(dim, 3 * hi * hd, qkv_bias) + _linear(hi * hd, hi * hd)
+    if lo:
+        n += _linear(dim, lo * hd, qkv_bias) + _linear(dim, 2 * lo * hd, qkv_bias) + _linear(lo * hd, lo * hd)
+    return n
+
+
+@pytest.mark.parametrize("name", ATTENTION_CHOICES)
+@pytest.mark.parametrize("stage_idx", [2, 3])
+@pytest.mark.parametrize("block_idx", [0, 1])
+def test_choice_builds_runs_and_matches_param_count(name, stage_idx, block_idx):
+    torch.manual_seed(0)
+    ws = 2 if stage_idx == 2 else 1
+    attn = create_attention(name, DIM, HEADS, window_size=ws, alpha=0.5, block_idx=block_idx, stage_idx=stage_idx)
+    n_params = sum(p.numel() for p in attn.parameters())
+    assert n_params == expected_params(name, DIM, HEADS, stage_idx=stage_idx, block_idx=block_idx, window_size=ws)
+    for hw in MAPS:
+        x = torch.randn(2, *hw, DIM, requires_grad=True)
+        y = attn(x)
+        assert y.shape == x.shape
+        assert torch.isfinite(y).all()
+        y.square().mean().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    for pname, p in attn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", ["msa", "sra", "wmsa", "tmsa"])
+def test_param_count_without_qkv_bias(name):
+    attn = create_attention(name, DIM, HEADS, window_size=2, alpha=0.9, qkv_bias=False, block_idx=1, stage_idx=2)
+    assert sum(p.numel() for p in attn.parameters()) == expected_params(
+        name, DIM, HEADS, stage_idx=2, block_idx=1, qkv_bias=False)
+
+
+def test_create_attention_family_settings():
+    # stage 3 (1/16 scale): PVT sr 2, Swin window 7 shifted in odd blocks, Twins LSA / GSA alternating
+    sra = create_attention("sra", DIM, HEADS, window_size=2, alpha=0.9, stage_idx=2)
+    assert isinstance(sra, SpatialReductionAttention) and sra.sr_ratio == 2 and sra.sr.kernel_size == (2, 2)
+    assert create_attention("sra", DIM, HEADS, window_size=2, alpha=0.9, stage_idx=0).sr_ratio == 8
+    w0 = create_attention("wmsa", DIM, HEADS, window_size=2, alpha=0.9, block_idx=0)
+    w1 = create_attention("wmsa", DIM, HEADS, window_size=2, alpha=0.9, block_idx=1)
+    assert (w0.window_size, w0.shift_size, w1.window_size, w1.shift_size) == (7, 0, 7, 3)
+    assert w0.relative_position_bias_table is not None
+    t0 = create_attention("tmsa", DIM, HEADS, window_size=2, alpha=0.9, block_idx=0)
+    t1 = create_attention("tmsa", DIM, HEADS, window_size=2, alpha=0.9, block_idx=1)
+    assert isinstance(t0, WindowAttention) and t0.relative_position_bias_table is None and t0.shift_size == 0
+    assert isinstance(t1, SpatialReductionAttention) and t1.sr_ratio == 2
+    # last stage: inferred from LITv2's window_size == 1 (plain-MSA stage) or given explicitly
+    for kwargs in (dict(window_size=1), dict(window_size=2, stage_idx=3)):
+        last = create_attention("sra", DIM, HEADS, alpha=0.9, **kwargs)
+        assert last.sr_ratio == 1 and last.sr is None and last.norm is None
+        assert create_attention("tmsa", DIM, HEADS, alpha=0.9, block_idx=1, **kwargs).sr_ratio == 1
+    from litv2.models.hilo import HiLo
+    hilo = create_attention("HiLo", DIM, HEADS, window_size=2, alpha=0.5)
+    assert isinstance(hilo, HiLo) and hilo.ws == 2 and hilo.alpha == 0.5
+
+
+def test_create_attention_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"'swin'.*hilo, msa, sra, wmsa, tmsa"):
+        create_attention("swin", DIM, HEADS, window_size=2, alpha=0.9)
+    with pytest.raises(ValueError, match="stage_idx"):
+        create_attention("sra", DIM, HEADS, window_size=2, alpha=0.9, stage_idx=4)
+    with pytest.raises(ValueError, match="divide"):
+        create_attention("msa", 50, 6, window_size=2, alpha=0.9)
+    with pytest.raises(ValueError, match="shift_size"):
+        WindowAttention(DIM, HEADS, window_size=7, shift_size=7)
+    with pytest.raises(ValueError, match="sr_ratio"):
+        SpatialReductionAttention(DIM, HEADS, sr_ratio=0)
+    attn = create_attention("wmsa", DIM, HEADS, window_size=2, alpha=0.9)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 48\)"):
+        attn(torch.randn(2, 49, DIM))
+    with pytest.raises(ValueError, match=r"\(B, H, W, 48\)"):
+        attn(torch.randn(2, 7, 7, 32))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        create_attention("sra", DIM, HEADS, window_size=2, alpha=0.9)(torch.randn(1, 1, 5, DIM))
+    with pytest.raises(ValueError, match="seq_len=16"):
+        LinformerAttention(DIM, HEADS, seq_len=16, k=8)(torch.randn(1, 5, 5, DIM))
+
+
+# ---- equivalence with reference implementations -------------------------------------------------------
+
+def _naive_swin(attn: WindowAttention, x: torch.Tensor, wh: int, ww: int, sh: int, sw: int) -> torch.Tensor:
+    """The official Swin algorithm with explicit loops: pad, roll, per-window attention with bias and mask."""
+    B, H, W, C = x.shape
+    nh, hd, tw = attn.num_heads, attn.head_dim, attn.window_size
+    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
+    xs = torch.roll(F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H)), (-sh, -sw), (1, 2))
+
+    def slices(w, s):
+        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(0, None),)
+
+    region = torch.zeros(Hp, Wp)
+    cnt = 0
+    for hs in slices(wh, sh):
+        for ws_ in slices(ww, sw):
+            region[hs, ws_] = cnt
+            cnt += 1
+    coords = [(i, j) for i in range(wh) for j in range(ww)]
+    table = attn.relative_position_bias_table
+    bias = torch.stack([torch.stack([table[(a[0] - b[0] + tw - 1) * (2 * tw - 1) + a[1] - b[1] + tw - 1]
+                                     for b in coords]) for a in coords])  # (N, N, heads)
+    out = torch.zeros(B, Hp, Wp, C)
+    for i in range(0, Hp, wh):
+        for j in range(0, Wp, ww):
+            win = xs[:, i:i + wh, j:j + ww].reshape(B, wh * ww, C)
+            q, k, v = attn.qkv(win).view(B, wh * ww, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            logits = q @ k.transpose(-2, -1) * hd ** -0.5 + bias.permute(2, 0, 1)
+            r = region[i:i + wh, j:j + ww].reshape(-1)
+            logits = logits + (r[:, None] != r[None, :]).float() * -100.0
+            out[:, i:i + wh, j:j + ww] = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, wh, ww, C)
+    return attn.proj(torch.roll(out, (sh, sw), (1, 2))[:, :H, :W])
+
+
+# (map, configured shift) -> (window h, window w, shift h, shift w) by Swin's per-side clipping rule
+SWIN_CASES = [((14, 14), 3, (7, 7, 3, 3)), ((14, 14), 0, (7, 7, 0, 0)), ((10, 12), 3, (7, 7, 3, 3)),
+              ((9, 15), 0, (7, 7, 0, 0)), ((8, 9), 3, (7, 7, 3, 3)), ((5, 10), 3, (5, 7, 0, 3)),
+              ((7, 7), 3, (7, 7, 0, 0)), ((4, 6), 3, (4, 6, 0, 0))]
+
+
+@pytest.mark.parametrize("hw,shift,expect", SWIN_CASES)
+def test_window_attention_matches_naive_swin(hw, shift, expect):
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 4, window_size=7, shift_size=shift).eval()
+    x = torch.randn(2, *hw, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _naive_swin(attn, x, *expect), atol=2e-5, rtol=1e-4)
+
+
+def test_window_attention_matches_timm_swin_block():
+    from timm.models.swin_transformer import SwinTransformerBlock
+    torch.manual_seed(0)
+    blk = SwinTransformerBlock(32, (14, 14), num_heads=4, window_size=7, shift_size=3).eval()
+    attn = WindowAttention(32, 4, window_size=7, shift_size=3).eval()
+    attn.load_state_dict({k: v for k, v in blk.attn.state_dict().items() if k != "relative_position_index"},
+                         strict=True)
+    x = torch.randn(2, 14, 14, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), blk._attn(x), atol=2e-6, rtol=1e-5)
+
+
+def test_window_clipped_to_small_map_is_global_attention():
+    """Map <= window: one window of the whole map, no shift (Swin); with zero bias it is plain MSA."""
+    torch.manual_seed(0)
+    shifted = WindowAttention(32, 4, window_size=7, shift_size=3).eval()
+    torch.nn.init.zeros_(shifted.relative_position_bias_table)
+    msa = MultiHeadSelfAttention(32, 4).eval()
+    msa.qkv.load_state_dict(shifted.qkv.state_dict())
+    msa.proj.load_state_dict(shifted.proj.state_dict())
+    for hw in [(5, 5), (7, 7), (4, 6)]:
+        x = torch.randn(2, *hw, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(shifted(x), msa(x), atol=2e-6, rtol=1e-5)
+    # with a bias, a clipped 5x5 window reads the centre of the 13x13 table, same as the naive reference
+    trunc = WindowAttention(32, 4, window_size=7, shift_size=0).eval()
+    x = torch.randn(1, 5, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(trunc(x), _naive_swin(trunc, x, 5, 5, 0, 0), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (9, 11), (7, 7)])
+def test_twins_lsa_and_gsa_match_timm(hw):
+    from timm.models import twins
+    torch.manual_seed(0)
+    x = torch.randn(2, *hw, 32)
+    ref = twins.LocallyGroupedAttn(32, 4, ws=7).eval()
+    lsa = LocallyGroupedAttention(32, 4, window_size=7).eval()
+    lsa.load_state_dict(ref.state_dict())
+    ref_gsa = twins.GlobalSubSampleAttn(32, 4, sr_ratio=2).eval()
+    gsa = SpatialReductionAttention(32, 4, sr_ratio=2).eval()
+    gsa.load_state_dict(ref_gsa.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(lsa(x), ref(x.flatten(1, 2), hw).view_as(x), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(gsa(x), ref_gsa(x.flatten(1, 2), hw).view_as(x), atol=2e-6, rtol=1e-5)
+
+
+def test_msa_matches_timm_vit_attention():
+    from timm.models.vision_transformer import Attention
+    torch.manual_seed(0)
+    ref = Attention(32, num_heads=4, qkv_bias=True).eval()
+    msa = MultiHeadSelfAttention(32, 4).eval()
+    msa.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(msa(x), ref(x.flatten(1, 2)).view_as(x), atol=2e-6, rtol=1e-5)
+
+
+def test_performer_approximates_softmax_attention():
+    """FAVOR+ with many random features converges to exact softmax attention (same q/k/v/proj weights)."""
+    torch.manual_seed(0)
+    perf = PerformerAttention(16, 2, num_features=8192).eval()
+    msa = MultiHeadSelfAttention(16, 2).eval()
+    with torch.no_grad():
+        perf.qkv.weight.mul_(0.5)
+    msa.load_state_dict({k: v for k, v in perf.state_dict().items() if k != "projection"})
+    x = torch.randn(2, 4, 4, 16)
+    with torch.no_grad():
+        exact, approx = msa(x), perf(x)
+    rel = (approx - exact).norm() / exact.norm()
+    assert rel < 0.05, rel
+    assert perf.projection.requires_grad is False and "projection" not in dict(perf.named_parameters())
+
+
+def test_linformer_and_xca_shapes():
+    from timm.models.xcit import XCA
+    x = torch.randn(2, 4, 4, 32, requires_grad=True)
+    for m in (LinformerAttention(32, 4, seq_len=16, k=8), TokenAttention(XCA(32, 4, qkv_bias=True))):
+        y = m(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+
+
+# ---- FLOPs / params: supplementary Table IV ------------------------------------------------------------
+
+TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 heads
+    "MSA": (lambda: MultiHeadSelfAttention(768, 12), 2.36, 521.4),
+    "SRA": (lambda: SpatialReductionAttention(768, 12, sr_ratio=2), 4.72, 419.6),
+    "Local Window": (lambda: WindowAttention(768, 12, 7, 0), 2.36, 477.2),
+    "Shifted Window": (lambda: WindowAttention(768, 12, 7, 3), 2.36, 477.2),
+    "Linformer": (lambda: LinformerAttention(768, 12, seq_len=196, k=256), 2.46, 616.6),
+    "Performer": (lambda: PerformerAttention(768, 12, num_features=256), 2.36, 617.2),
+}
+
+
+@pytest.mark.parametrize("name", list(TABLE_IV))
+def test_table_iv_params_and_flops(name):
+    from litv2.profiling import count_flops_module, count_params
+    build, params_m, flops_m = TABLE_IV[name]
+    m = build()
+    assert round(count_params(m) / 1e6, 2) == params_m
+    assert round(count_flops_module(m, (torch.zeros(1, 14, 14, 768),)) / 1e6, 1) == flops_m
+
+
+def test_table_iv_exact_counts_msa():
+    """MSA in closed form: 4 N D^2 (projections) + 2 N^2 D (q k^T and attn v), N = 196, D = 768."""
+    from litv2.profiling import count_flops_module
+    n, d = 196, 768
+    assert count_flops_module(MultiHeadSelfAttention(d, 12), (torch.zeros(1, 14, 14, d),)) == 4 * n * d * d + 2 * n * n * d
+
+
+# ---- inside LITv2 (paper Table 4) -------------------------------------------------------------------
+
+TINY = dict(img_size=64, num_classes=10, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), alpha=0.5,
+            local_ws=(0, 0, 2, 1), drop_path_rate=0.0)
+
+
+def test_litv2_swaps_only_the_attention():
+    import timm
+
+    import litv2  # noqa: F401
+
+    def non_attn_params(model):
+        return sum(p.numel() for n, p in model.named_parameters() if ".attn." not in n)
+
+    torch.manual_seed(0)
+    ref = timm.create_model("litv2_s", **TINY)
+    x = torch.randn(2, 3, 64, 64)
+    for name in ATTENTION_CHOICES:
+        model = timm.create_model("litv2_s", attention=name, **TINY)
+        assert non_attn_params(model) == non_attn_params(ref)
+        blocks3, blocks4 = model.layers[2].blocks, model.layers[3].blocks
+        expected = sum(expected_params(name, 64, 4, stage_idx=2, block_idx=i) for i in range(len(blocks3)))
+        expected += sum(expected_params(name, 128, 8, stage_idx=3, block_idx=i, window_size=1)
+                        for i in range(len(blocks4)))
+        assert sum(p.numel() for n, p in model.named_parameters() if ".attn." in n) == expected
+        y = model(x)
+        assert y.shape == (2, 10)
+        y.sum().backward()
