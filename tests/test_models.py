@@ -297,3 +297,26 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
+
+
+def test_cpu_pointwise_conv_path_computes_the_same_as_linear():
+    """The oneDNN 1x1-conv kernel for channels-last maps is a speed change only (outputs and grads)."""
+    from litv2.models.layers import cpu_pointwise_conv
+
+    torch.manual_seed(0)
+    model = LITv2(**TINY).train()
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    try:
+        for enabled in (True, False):
+            cpu_pointwise_conv(enabled)
+            model.zero_grad()
+            out = model(x)
+            out.sum().backward()
+            results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    finally:
+        cpu_pointwise_conv(True)
+    (out_conv, g_conv), (out_lin, g_lin) = results
+    torch.testing.assert_close(out_conv, out_lin, atol=1e-4, rtol=0)
+    for a, b in zip(g_conv, g_lin):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Linear
+
 __all__ = ["HiLo", "hilo_head_split"]
 
 
@@ -80,12 +82,12 @@ class HiLo(nn.Module):
         self.attn_drop = attn_drop
 
         if self.l_heads > 0:
-            self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias)
-            self.l_kv = nn.Linear(dim, self.l_dim * 2, bias=qkv_bias)
-            self.l_proj = nn.Linear(self.l_dim, self.l_dim)
+            self.l_q = Linear(dim, self.l_dim, bias=qkv_bias)
+            self.l_kv = Linear(dim, self.l_dim * 2, bias=qkv_bias)
+            self.l_proj = Linear(self.l_dim, self.l_dim)
         if self.h_heads > 0:
-            self.h_qkv = nn.Linear(dim, self.h_dim * 3, bias=qkv_bias)
-            self.h_proj = nn.Linear(self.h_dim, self.h_dim)
+            self.h_qkv = Linear(dim, self.h_dim * 3, bias=qkv_bias)
+            self.h_proj = Linear(self.h_dim, self.h_dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:

@@ -34,6 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torchvision.ops import deform_conv2d
 
 from .hilo import HiLo
+from .layers import Linear
 
 __all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint"]
 
@@ -54,11 +55,11 @@ class ConvFFN(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.dwconv(self.fc1(x)))
