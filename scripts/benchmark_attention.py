@@ -294,12 +294,12 @@ def run_resolutions(args, methods: dict, device: torch.device, resolutions: list
         for key, (name, build) in methods.items():
             if key not in alive:
                 continue
-            torch.manual_seed(0)
-            m = build(size).eval()
-            params, flops = static_figures(m, args, size)
-            point = {"res": res, "side": size, "params": params, "flops": flops, "status": "ok"}
+            point = {"res": res, "side": size, "status": "ok"}
             results[key]["points"].append(point)
             try:
+                torch.manual_seed(0)
+                m = build(size).eval()
+                point["params"], point["flops"] = static_figures(m, args, size)
                 m.to(device)
                 x = make_input(args, size, args.batch_size, device)
             except Exception as e:  # noqa: BLE001
@@ -343,8 +343,9 @@ def resolutions_markdown(results: dict, args) -> str:
     rows = []
     for r in results.values():
         for p in r["points"]:
-            rows.append([r["name"], p["res"], f"{p['side']}x{p['side']}", f"{p['params'] / 1e6:.2f}",
-                         f"{p['flops'] / unit:.2f}", fmt(p.get("img_s"), ".1f"),
+            params, flops = p.get("params"), p.get("flops")
+            rows.append([r["name"], p["res"], f"{p['side']}x{p['side']}", fmt(params and params / 1e6, ".2f"),
+                         fmt(flops and flops / unit, ".2f"), fmt(p.get("img_s"), ".1f"),
                          fmt(p.get("train_mem_mb"), ".0f"), fmt(p.get("test_mem_mb"), ".0f"), p["status"]])
     return markdown_table(headers, rows)
 

@@ -9,9 +9,11 @@ Paper Fig. 4 (effect of alpha) and supplementary Table II (effect of the window 
 Every run directory below the given folder (``multirun/DATE/TIME/0``, ``.../1`` of the local launcher,
 ``<num>_<overrides>`` job dirs next to the ``.submitit/`` folder of the submitit launcher, or a single run
 dir) is found by its ``summary.json`` or its saved config. The config is read from the run dir's
-``.hydra/config.yaml`` (plus ``.hydra/overrides.yaml``), ``config.yaml`` or ``resolved_config.yaml``;
-metrics from ``summary.json`` (nested dicts are searched too). Missing values stay blank; a run with a
-config but no summary is listed with status ``incomplete``.
+``config.yaml`` (the resolved config ``train.py`` saves), ``resolved_config.yaml`` or Hydra's
+``.hydra/config.yaml`` (plus ``.hydra/overrides.yaml``); metrics from ``summary.json`` as ``train.py`` writes
+it (``best_top1``, ``final_top1``, ``params``, ``gflops``, ``throughput``, ``train_mem_mb``, ...; other
+spellings and nested dicts are searched too). Missing values stay blank; a run with a config but no summary
+is listed with status ``incomplete``.
 
 Writes ``sweep_summary.csv``, ``sweep_summary.md`` and ``sweep_summary.png`` (into ``--out-dir``, default
 the multirun folder) and prints the Markdown table.
@@ -26,7 +28,8 @@ import re
 import sys
 from pathlib import Path
 
-CONFIG_FILES = (".hydra/config.yaml", "resolved_config.yaml", "config.yaml")
+# the engine saves the resolved config as config.yaml in the run dir; Hydra keeps the unresolved one in .hydra/
+CONFIG_FILES = ("config.yaml", "resolved_config.yaml", ".hydra/config.yaml")
 SKIP_DIRS = {".submitit", ".hydra", "wandb", "__pycache__", "checkpoints", "tb"}
 
 # column -> candidate keys (compared after flattening nested dicts, lower-cased, with / . - as _)
@@ -195,8 +198,13 @@ def collect(root: Path) -> list[dict]:
         params = row.pop("params")
         if row["params_m"] is None and params is not None:
             row["params_m"] = params / 1e6
+        for col in ("top1", "top1_final", "top5"):
+            if row[col] is not None and row[col] < 0:  # the engine's "no evaluation yet" sentinel (-1)
+                row[col] = None
         if row["top1"] is None:
             row["top1"] = row["top1_final"]
+        if isinstance(summary, dict) and isinstance(summary.get("status"), str) and status == "ok":
+            row["status"] = summary["status"]
         rows.append(row)
     return rows
 

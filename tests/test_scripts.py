@@ -1,0 +1,228 @@
+"""Benchmark / analysis scripts in smoke mode: Table IV columns, Fig. 3 sweep, sweep summary, spectrum, peers."""
+from __future__ import annotations
+
+import csv
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> str:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def load_script(name: str) -> dict:
+    return runpy.run_path(str(SCRIPTS / name), run_name=f"_test_{Path(name).stem}")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+# ---- benchmark_attention (supplementary Table IV, Fig. 3) --------------------------------------------------
+
+def test_benchmark_attention_smoke_matches_table_iv(tmp_path):
+    out = run_script("benchmark_attention.py", "--smoke", "--out-dir", str(tmp_path))
+    res = json.loads((tmp_path / "attention_table.json").read_text())["results"]
+    assert set(res) == {"hilo", "msa", "sra", "local", "shifted", "tmsa-lsa", "tmsa-gsa", "xca", "linformer",
+                        "performer"}
+    # the acceptance numbers: MSA 2.36 M / 521.4 M, HiLo 2.20 M / 298.3 M (exact layer counts below)
+    assert (res["msa"]["params"], res["msa"]["flops"]) == (2_362_368, 521_428_992)
+    assert (res["hilo"]["params"], res["hilo"]["flops"]) == (2_198_528, 298_296_320)
+    assert "| HiLo | 2.20 | 298.3 |" in out and "| MSA | 2.36 | 521.4 |" in out
+    paper = load_script("benchmark_attention.py")["PAPER_TABLE_IV"]
+    for r in res.values():
+        if r["name"] in paper:
+            assert (round(r["params"] / 1e6, 2), round(r["flops"] / 1e6, 1)) == paper[r["name"]], r["name"]
+        assert r["cpu_img_s"] > 0 and r["cpu_rounds"] == 1
+    assert png_size(tmp_path / "attention_table.png")[0] > 500
+    assert "GPU" not in out or torch.cuda.is_available()
+
+
+def test_benchmark_attention_resolutions_smoke(tmp_path):
+    load_script("benchmark_attention.py")["main"](["--smoke", "--resolutions", "64,32", "--methods",
+                                                   "hilo,msa,linformer", "--dim", "64", "--heads", "4",
+                                                   "--out-dir", str(tmp_path)])
+    res = json.loads((tmp_path / "attention_resolutions.json").read_text())["results"]
+    for key in ("hilo", "msa", "linformer"):
+        pts = res[key]["points"]
+        assert [p["res"] for p in pts] == [32, 64] and [p["side"] for p in pts] == [2, 4]
+        assert all(p["status"] == "ok" and p["img_s"] > 0 for p in pts)
+        assert all(isinstance(p["train_mem_mb"], float) and isinstance(p["test_mem_mb"], float) for p in pts)
+        assert pts[1]["flops"] > pts[0]["flops"]
+    # MSA: 4 N D^2 + 2 N^2 D with N = 16 tokens, D = 64
+    assert res["msa"]["points"][1]["flops"] == 4 * 16 * 64 * 64 + 2 * 16 * 16 * 64
+    assert png_size(tmp_path / "attention_resolutions.png")[0] > 500
+
+
+def test_round_robin_marks_oom_and_resolution_sweep_skips_larger_sizes():
+    mod = load_script("benchmark_attention.py")
+    calls = []
+
+    def ok():
+        calls.append("ok")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    times, errors = mod["round_robin"]({"a": ok, "b": oom}, "cpu", rounds=3, warmup=1)
+    assert errors == {"b": "OOM"} and len(times["a"]) == 3 and times["b"] == []
+    with pytest.raises(ValueError):  # anything that is not an allocation failure propagates
+        mod["round_robin"]({"c": lambda: (_ for _ in ()).throw(ValueError("bug"))}, "cpu", rounds=1, warmup=1)
+    assert mod["is_oom"](RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"))
+
+    class Big(torch.nn.Module):  # "runs out of memory" at the benchmark batch on maps larger than 2x2
+        def forward(self, x):
+            if x.shape[0] > 1 and x.shape[1] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return x
+
+    args = mod["parse_args"](["--smoke", "--dim", "8", "--heads", "2", "--no-memory"])
+    methods = {"big": ("Big", lambda s: Big()), "id": ("Id", lambda s: torch.nn.Identity())}
+    res = mod["run_resolutions"](args, methods, torch.device("cpu"), [32, 64, 128])
+    assert [p["status"] for p in res["big"]["points"]] == ["ok", "OOM"]  # 128 never tried
+    assert [p["status"] for p in res["id"]["points"]] == ["ok", "ok", "ok"]
+    assert "| Big | 64 | 4x4 |" in mod["resolutions_markdown"](res, args)
+
+
+# ---- summarize_sweep (Fig. 4 / Table II) --------------------------------------------------------------------
+
+def _fake_run(run_dir: Path, alpha, ws, summary: dict | None, layout: str):
+    cfg = {"name": "litv2_s", "hilo": {"alpha": alpha, "window_size": ws}, "data": {"img_size": 32},
+           "model": {"name": "litv2_s", "attention": "hilo", "alpha": "${hilo.alpha}",
+                     "local_ws": [0, 0, "${hilo.window_size}", 1], "img_size": "${data.img_size}"}}
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))  # Hydra's copy: unresolved
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"hilo.alpha={alpha}",
+                                                                         f"hilo.window_size={ws}"]))
+    if layout == "engine":  # train.py's resolved copy
+        resolved = {**cfg, "model": {**cfg["model"], "alpha": alpha, "local_ws": [0, 0, ws, 1], "img_size": 32}}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved))
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("layout", ["local", "submitit"])
+def test_summarize_sweep_2x2(tmp_path, layout, capsys):
+    sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    runs = []
+    for i, (alpha, ws) in enumerate([(0.5, 2), (0.5, 4), (0.9, 2), (0.9, 4)]):
+        summary = {"status": "completed", "model": "litv2_s", "final_top1": 50.0 + i, "final_top5": 90.0,
+                   "best_top1": 60.0 + i, "best_top5": 95.0, "best_epoch": 2, "epochs": 3, "params": 27_838_000,
+                   "gflops": 3.7 - 0.1 * i, "throughput": 100.0 + i, "train_mem_mb": 512.0, "test_mem_mb": 128.0}
+        if i == 1:
+            del summary["train_mem_mb"], summary["test_mem_mb"]  # tolerated: blank cells
+        if i == 3:
+            summary = None  # crashed / still running
+        if layout == "local":
+            run_dir = sweep / str(i)
+        else:
+            run_dir = sweep / f"{i}_hilo.alpha={alpha},hilo.window_size={ws}"
+            (sweep / ".submitit" / f"1234_{i}").mkdir(parents=True)
+            (sweep / ".submitit" / f"1234_{i}" / f"1234_{i}_0_result.pkl").write_bytes(b"x")
+        _fake_run(run_dir, alpha, ws, summary, "engine" if layout == "local" else "hydra")
+        runs.append(run_dir)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    load_script("summarize_sweep.py")["main"]([str(sweep)])
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(open(sweep / "sweep_summary.csv")))
+    assert [r["run"] for r in rows] == [p.name for p in runs]
+    assert [(float(r["alpha"]), int(r["window_size"])) for r in rows] == [(0.5, 2), (0.5, 4), (0.9, 2), (0.9, 4)]
+    assert [r["top1"] for r in rows] == ["60", "61", "62", ""]
+    assert [r["top1_final"] for r in rows[:3]] == ["50", "51", "52"]
+    assert rows[0]["img_s"] == "100" and rows[0]["gflops"] == "3.7" and rows[0]["params_m"] == "27.84"
+    assert rows[0]["train_mem_mb"] == "512" and rows[1]["train_mem_mb"] == "" and rows[1]["test_mem_mb"] == ""
+    assert [r["status"] for r in rows] == ["completed"] * 3 + ["incomplete"]
+    assert (sweep / "sweep_summary.md").read_text().count("\n| ") == 5  # header + 4 runs
+    assert "| 0.9 | 4 |" in out
+    w, h = png_size(sweep / "sweep_summary.png")
+    assert w > 800 and h > 400
+
+
+def test_summarize_sweep_rejects_empty_dir(tmp_path):
+    with pytest.raises(SystemExit, match="no run directories"):
+        load_script("summarize_sweep.py")["main"]([str(tmp_path)])
+
+
+# ---- visualize_freq (Fig. 5, Algorithm 1) -------------------------------------------------------------------
+
+def test_visualize_freq_two_rows_and_energy_fractions(tmp_path):
+    png, js = tmp_path / "freq.png", tmp_path / "freq.json"
+    out = run_script("visualize_freq.py", "--model", "litv2_s", "--model-kwargs", str(FIXTURES / "tiny_a05_ws2.json"),
+                     "--checkpoint", str(FIXTURES / "tiny_a05_ws2.pth"), "--digits", "-n", "12", "--batch-size", "6",
+                     "--stage", "2", "--block", "1", "--out", str(png), "--json", str(js))
+    assert png_size(png) == (1600, 440)  # 8 channels x 2 rows at figsize (16, 4.4), dpi 100
+    result = json.loads(js.read_text())
+    assert result["num_images"] == 12 and result["map_size"] == [4, 4]  # 64x64 input, stage 3 = 1/16
+    fracs = result["branches"]
+    assert set(fracs) == {"Hi-Fi", "Lo-Fi"} and fracs["Hi-Fi"]["channels"] == 32 and fracs["Lo-Fi"]["channels"] == 32
+    for branch in fracs.values():
+        for key in ("high_freq_fraction", "high_freq_fraction_ac"):
+            assert 0.0 <= branch[key] <= 1.0
+    # the paper's claim as a number: Hi-Fi output carries more energy outside the low-frequency disc
+    assert fracs["Hi-Fi"]["high_freq_fraction"] > fracs["Lo-Fi"]["high_freq_fraction"]
+    assert "Hi-Fi" in out and "Lo-Fi" in out
+
+
+def test_visualize_freq_rejects_block_without_hilo_branches(tmp_path):
+    main = load_script("visualize_freq.py")["main"]
+    base = ["--model", "litv2_s", "--model-kwargs", str(FIXTURES / "tiny_a05_ws2.json"), "-n", "1",
+            "--out", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit, match="not both HiLo branches"):  # stage 4: s = 1, all heads Lo-Fi
+        main(base + ["--stage", "3"])
+    with pytest.raises(SystemExit, match="out of range"):
+        main(base + ["--stage", "2", "--block", "5"])
+
+
+def test_spectrum_accumulator_algorithm_1_and_band_energy():
+    acc_cls = load_script("visualize_freq.py")["SpectrumAccumulator"]
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 6, 5)  # (B, H, W, C) as the hooks see it
+    acc = acc_cls(0.25)
+    acc.update(x[:2])
+    acc.update(x[2:])
+    # Algorithm 1, with the shift restricted to the spatial dims (its bare fftshift() also rolls the channels)
+    ref = torch.log(torch.abs(torch.fft.fftshift(torch.fft.fft2(x.permute(0, 3, 1, 2)), dim=(-2, -1)))).mean(0)
+    torch.testing.assert_close(acc.mean_log_magnitude, ref, atol=1e-5, rtol=1e-5)
+    const = acc_cls(0.25)
+    const.update(torch.ones(2, 8, 8, 3))
+    assert const.fractions()["high_freq_fraction"] == pytest.approx(0.0, abs=1e-12)
+    checker = acc_cls(0.25)  # +-1 checkerboard: all energy at the Nyquist corner
+    idx = torch.arange(8)
+    checker.update(((-1.0) ** (idx[:, None] + idx[None, :]))[None, :, :, None].expand(2, 8, 8, 3))
+    assert checker.fractions()["high_freq_fraction"] == pytest.approx(1.0)
+
+
+# ---- benchmark_models --------------------------------------------------------------------------------------
+
+def test_benchmark_models_smoke(tmp_path, capsys):
+    load_script("benchmark_models.py")["main"](["--smoke", "--models", "litv2_s,faster_vit_0_224", "--out-dir",
+                                                str(tmp_path)])
+    out = capsys.readouterr().out
+    payload = json.loads((tmp_path / "benchmark_models.json").read_text())
+    rows = payload["rows"]
+    assert list(rows) == ["litv2_s", "faster_vit_0_224"]
+    import timm
+
+    import litv2  # noqa: F401
+    assert rows["litv2_s"]["params"] == sum(p.numel() for p in timm.create_model("litv2_s").parameters())
+    assert rows["litv2_s"]["cpu_ratio"] == 1.0
+    for r in rows.values():
+        assert r["gflops"] > 0 and r["cpu_img_s"] > 0 and 0 < r["cpu_pct_peak"]
+    assert payload["matmul_peak_gflops"]["cpu"] > 0
+    assert "| litv2_s | 27.8 |" in out and "% of the measured fp32 matmul peak" in out
