@@ -177,7 +177,7 @@ def test_window_attention_matches_timm_swin_block():
                          strict=True)
     x = torch.randn(2, 14, 14, 32)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x), blk._attn(x), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(attn(x), blk._attn(x), atol=1e-5, rtol=1e-4)
 
 
 def test_window_clipped_to_small_map_is_global_attention():
@@ -191,7 +191,7 @@ def test_window_clipped_to_small_map_is_global_attention():
     for hw in [(5, 5), (7, 7), (4, 6)]:
         x = torch.randn(2, *hw, 32)
         with torch.no_grad():
-            torch.testing.assert_close(shifted(x), msa(x), atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(shifted(x), msa(x), atol=1e-5, rtol=1e-4)
     # with a bias, a clipped 5x5 window reads the centre of the 13x13 table, same as the naive reference
     trunc = WindowAttention(32, 4, window_size=7, shift_size=0).eval()
     x = torch.randn(1, 5, 5, 32)
@@ -211,8 +211,8 @@ def test_twins_lsa_and_gsa_match_timm(hw):
     gsa = SpatialReductionAttention(32, 4, sr_ratio=2).eval()
     gsa.load_state_dict(ref_gsa.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(lsa(x), ref(x.flatten(1, 2), hw).view_as(x), atol=2e-6, rtol=1e-5)
-        torch.testing.assert_close(gsa(x), ref_gsa(x.flatten(1, 2), hw).view_as(x), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lsa(x), ref(x.flatten(1, 2), hw).view_as(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gsa(x), ref_gsa(x.flatten(1, 2), hw).view_as(x), atol=1e-5, rtol=1e-4)
 
 
 def test_msa_matches_timm_vit_attention():
@@ -223,7 +223,7 @@ def test_msa_matches_timm_vit_attention():
     msa.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 5, 32)
     with torch.no_grad():
-        torch.testing.assert_close(msa(x), ref(x.flatten(1, 2)).view_as(x), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(msa(x), ref(x.flatten(1, 2)).view_as(x), atol=1e-5, rtol=1e-4)
 
 
 def test_performer_approximates_softmax_attention():

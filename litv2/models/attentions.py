@@ -2,7 +2,9 @@
 (supplementary Table IV, paper Fig. 3).
 
 Every module takes a channels-last map ``x`` of shape ``(B, H, W, C)`` and returns the same shape,
-like :class:`litv2.models.hilo.HiLo`, so a LITv2 block can swap them freely. Attention runs through
+like :class:`litv2.models.hilo.HiLo`, so a LITv2 block can swap them freely. Their projections use the
+same :class:`litv2.models.layers.Linear` as HiLo (same parameters as ``nn.Linear``), so speed comparisons
+measure the attention design rather than the kernel choice. Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (windows and heads are batch dimensions, biases
 and masks go in ``attn_mask``); there are no Python loops over windows or heads.
 
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+
+from .layers import Linear
 
 __all__ = [
     "ATTENTION_CHOICES", "PVT_SR_RATIOS", "SWIN_WINDOW", "TWINS_WINDOW",
@@ -71,8 +75,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = _check_heads(dim, num_heads)
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -103,9 +107,9 @@ class SpatialReductionAttention(nn.Module):
         self.dim, self.num_heads, self.sr_ratio = dim, num_heads, int(sr_ratio)
         self.head_dim = _check_heads(dim, num_heads)
         self.attn_drop = attn_drop
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if self.sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=self.sr_ratio, stride=self.sr_ratio)
@@ -187,8 +191,8 @@ class WindowAttention(nn.Module):
         self.head_dim = _check_heads(dim, num_heads)
         self.window_size, self.shift_size = int(window_size), int(shift_size)
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window_size - 1) ** 2, num_heads))
@@ -277,10 +281,10 @@ class LinformerAttention(nn.Module):
         self.dim, self.num_heads, self.seq_len, self.k = dim, num_heads, seq_len, k
         self.head_dim = _check_heads(dim, num_heads)
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj_k = nn.Linear(seq_len, k, bias=False)
         self.proj_v = nn.Linear(seq_len, k, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -321,8 +325,8 @@ class PerformerAttention(nn.Module):
         super().__init__()
         self.dim, self.num_heads, self.num_features, self.eps = dim, num_heads, num_features, eps
         self.head_dim = _check_heads(dim, num_heads)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("projection", _orthogonal_random_features(num_features, self.head_dim, seed))
 
