@@ -1,0 +1,46 @@
+"""Efficiency figures: FLOPs/params equal the model's own counts, speed and memory are measured."""
+import runpy
+from pathlib import Path
+
+import torch
+
+from litv2.models import LITv2
+from litv2.profiling import count_flops, count_params, efficiency_report, measure_memory
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_classes=10)
+
+
+def test_efficiency_report_fields_are_sane():
+    model = LITv2(**TINY)
+    report = efficiency_report(model, img_size=64, batch_size=4, runs=2, warmup=1)
+    assert report["params"] == count_params(model) == sum(p.numel() for p in model.parameters())
+    assert report["gflops"] == round(count_flops(model, 64) / 1e9, 4) > 0
+    assert report["throughput"] > 0
+    assert report["train_mem_mb"] > 0 and report["test_mem_mb"] >= 0
+    assert report["img_size"] == [64, 64] and report["device"] == "cpu"
+    assert model.training  # measuring leaves the mode as it was
+
+
+def test_flops_scale_with_input_and_non_square():
+    model = LITv2(**TINY)
+    f64, f128 = count_flops(model, 64), count_flops(model, 128)
+    assert 3.5 < f128 / f64 < 4.5  # ~linear in pixels at these sizes (attention adds a little)
+    assert count_flops(model, (64, 128)) > f64
+
+
+def test_train_step_needs_more_memory_than_inference():
+    torch.manual_seed(0)
+    model = LITv2(**TINY)
+    train = measure_memory(model, batch_size=32, img_size=96, train=True)
+    test = measure_memory(model, batch_size=32, img_size=96, train=False)
+    assert train > test
+    assert all(p.grad is None for p in model.parameters())  # no gradients left behind
+
+
+def test_profile_model_script_smoke():
+    script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
+    result = script["main"](["--batch-size", "2", "--img-size", "64", "--rounds", "1", "--row-limit", "3",
+                             "--kwargs", "embed_dim=16,depths=[1,1,2,1],num_heads=[1,2,4,8]"])
+    assert result["img_per_s"] > 0
+    assert {"patch_embed", "stage3 blocks x2", "stage1 -> 2 DTM"} <= set(result["stages"])
