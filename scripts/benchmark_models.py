@@ -5,8 +5,9 @@ Models are measured alternately in one run (round-robin: warm-up, then ``--round
 model, median per model), so drifting machine load affects all alike. Defaults follow the paper's
 protocol where this machine allows: CPU fp32 at batch 16 (``--batch-size``) and, when CUDA is available,
 bf16 autocast at batch 64 (``--gpu-batch-size``); input 224x224. Params and GFLOPs (fvcore, MACs, one
-image) come from :mod:`litv2.profiling`. The machine's fp32 ``torch.mm`` GFLOP/s is measured first so each
-model's achieved FLOP rate can be read as a share of that peak (``2 * GMACs * img/s / peak``).
+image) come from :mod:`litv2.profiling`. The machine's ``torch.mm`` GFLOP/s (fp32 on CPU, the GPU run's
+precision on GPU) is measured first so each model's achieved FLOP rate can be read as a share of that
+peak (``2 * GMACs * img/s / peak``).
 
 Weights are never downloaded (``pretrained=False``); FasterViT comes from the ``fastervit`` package
 (registered with timm on import).
@@ -102,7 +103,7 @@ def build_model(name: str, img_size: int) -> nn.Module:
             kwargs["resolution"] = [img_size, img_size]
     elif img_size != 224 and name.startswith(("swin", "litv2", "twins")):
         kwargs["img_size"] = img_size
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):
         raise SystemExit(f"unknown model {name!r} (not in timm's registry)")
     return timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
 
@@ -161,10 +162,13 @@ def main(argv=None) -> dict:
     names = expand_models(args.models)
     t0 = time.perf_counter()
 
-    peak = {}
-    if not args.no_peak:
+    peak, peak_dtype = {}, {}
+    if not args.no_peak:  # in the precision the models run in: fp32 on CPU, bf16 on GPU unless --gpu-fp32
         for d in devices:
-            peak[d.type] = matmul_peak_gflops(d, n=1024 if args.smoke else (2048 if d.type == "cpu" else 8192))
+            dtype = torch.bfloat16 if d.type == "cuda" and not args.gpu_fp32 else torch.float32
+            peak_dtype[d.type] = str(dtype).replace("torch.", "")
+            peak[d.type] = matmul_peak_gflops(d, n=1024 if args.smoke else (2048 if d.type == "cpu" else 8192),
+                                              dtype=dtype)
 
     models, rows = {}, {}
     for name in names:
@@ -220,7 +224,7 @@ def main(argv=None) -> dict:
             row.append(fmt(PAPER_GPU.get(name), "d"))
         table.append(row)
     machine = "; ".join(machine_description(d) for d in devices)
-    peak_txt = ", ".join(f"{k.upper()} fp32 matmul peak {v:.0f} GFLOP/s" for k, v in peak.items())
+    peak_txt = ", ".join(f"{k.upper()} {peak_dtype[k]} matmul peak {v:.0f} GFLOP/s" for k, v in peak.items())
     cmd = "python scripts/benchmark_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"Model benchmark at {args.img_size}x{args.img_size}, round-robin over {len(models)} models, "
               f"{args.rounds} round(s), median; {machine}" + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
@@ -234,7 +238,8 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark_models.md").write_text(md + "\n")
-    payload = {"args": vars(args), "machine": machine, "matmul_peak_gflops": peak, "rows": rows,
+    payload = {"args": vars(args), "machine": machine, "matmul_peak_gflops": peak, "matmul_peak_dtype": peak_dtype,
+               "rows": rows,
                "seconds": round(time.perf_counter() - t0, 1)}
     (out_dir / "benchmark_models.json").write_text(json.dumps(payload, indent=2, default=str))
     return payload
