@@ -17,7 +17,7 @@ own setting; methods hilo, msa, sra, wmsa, tmsa, input resolution instead of map
 Examples::
 
     python scripts/benchmark_attention.py                       # Table IV (CPU, + GPU column if CUDA)
-    python scripts/benchmark_attention.py --resolutions 224,448,640,896,1024 --batch-size 8
+    python scripts/benchmark_attention.py --resolutions fig3 --batch-size 8 --max-seconds 60
     python scripts/benchmark_attention.py --in-model litv2_s --resolutions 224,384,512 --batch-size 16
     python scripts/benchmark_attention.py --smoke                # seconds; FLOP/param columns still exact
 """
@@ -47,6 +47,7 @@ from litv2.models.attentions import (  # noqa: E402
 from litv2.models.hilo import HiLo  # noqa: E402
 from litv2.profiling import count_flops_module, count_params  # noqa: E402
 
+FIG3_RESOLUTIONS = "224,320,448,512,640,768,896,1024"  # --resolutions fig3
 # Supplementary Table IV (params M, FLOPs M) for the rows this script reproduces.
 PAPER_TABLE_IV = {
     "MSA": (2.36, 521.4), "SRA": (4.72, 419.6), "Local Window": (2.36, 477.2), "Shifted Window": (2.36, 477.2),
@@ -99,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224, help="input resolution of the --in-model table run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--resolutions", default=None,
-                   help="comma list of input resolutions (Fig. 3); map side = resolution / 16 for one layer")
+                   help="comma list of input resolutions, or 'fig3' for " + FIG3_RESOLUTIONS +
+                        " (Fig. 3); map side = resolution / 16 for one layer")
     p.add_argument("--devices", default="auto", help="comma list of cpu,cuda (default: cpu, plus cuda if available; "
                    "--resolutions uses cuda if available, else cpu)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (default fp32, like the paper)")
@@ -395,7 +397,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolutions = sorted(int(r) for r in args.resolutions.split(",")) if args.resolutions else None
+    spec = FIG3_RESOLUTIONS if args.resolutions == "fig3" else args.resolutions
+    try:
+        resolutions = sorted({int(r) for r in spec.split(",") if r.strip()}) if spec else None
+    except ValueError:
+        raise SystemExit(f"--resolutions must be a comma list of integers or 'fig3', got {args.resolutions!r}")
     devices = resolve_devices(args.devices, resolutions is not None)
     t0 = time.perf_counter()
     if resolutions:
