@@ -18,7 +18,7 @@ from timm.scheduler import CosineLRScheduler
 from litv2.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("imagenet", "digits", "synthetic")
+DATASETS = ("imagenet", "folder", "digits", "synthetic")
 
 
 def _register_model_families(name: str):

@@ -1,4 +1,4 @@
-"""SIGTERM / SIGUSR1 (SLURM's preemption warning): finish the step, save, exit.
+"""SIGTERM / SIGUSR1 (SLURM's preemption warning) / SIGUSR2 (submitit's): finish the step, save, exit.
 
 The handler only records the signal; the training loop checks ``requested`` after every
 optimizer step, saves ``last.pth`` and raises :class:`Preempted`. The CLI then hands the signal
@@ -13,7 +13,7 @@ import threading
 
 log = logging.getLogger(__name__)
 
-SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
 class Preempted(Exception):
@@ -23,7 +23,7 @@ class Preempted(Exception):
 
 
 class StopOnSignal:
-    """Context manager that turns SIGTERM/SIGUSR1 into a polite stop request."""
+    """Context manager that turns SIGTERM/SIGUSR1/SIGUSR2 into a polite stop request."""
 
     def __init__(self, signals=SIGNALS):
         self.signals, self.requested, self.previous = signals, None, {}

@@ -65,10 +65,13 @@ def train(cfg, run_dir=None) -> dict:
     """Run (or continue) one training job; returns the summary (rank 0) or {} (other ranks)."""
     check_config(cfg)
     info = init_distributed(cfg.trainer.device)
+    deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
         with StopOnSignal() as stop:
             return _train(cfg, run_dir, info, stop)
-    finally:
+    finally:  # leave the process as we found it (tests and Hydra multirun run several jobs in one)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
         cleanup()
 
 

@@ -1,0 +1,67 @@
+"""Shared helpers for the training/evaluation tests (not a test module)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# A LITv2 small enough for a CPU test: 16 wide, one block per stage (stage 3 keeps HiLo, stage 4 MSA).
+TINY_LITV2 = ["++model.embed_dim=16", "++model.depths=[1,1,1,1]", "++model.num_heads=[1,2,4,8]", "model.drop_path_rate=0.0"]
+# Quiet, fast, local: no wandb, no profiling, no loader workers.
+FAST = ["logger=none", "profile.enabled=false", "data.num_workers=0"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+
+def compose(overrides, config: str = "config"):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return hydra_compose(config, overrides=list(overrides))
+
+
+def train_in_process(overrides, run_dir):
+    from litv2.engine import train
+
+    return train(compose(overrides), run_dir=run_dir)
+
+
+def run_script(script: str, args, timeout: int = 180, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def metrics_rows(run_dir, key: str):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if key in r]
+
+
+def make_digits_subset(src: Path, dst: Path, per_class_train: int, val_total: int, classes=range(10)) -> Path:
+    """A small ImageFolder copied from the digits tree (val_total images spread over the classes)."""
+    for c in classes:
+        files = sorted((src / "train" / str(c)).iterdir())[:per_class_train]
+        (dst / "train" / str(c)).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(f, dst / "train" / str(c) / f.name)
+        (dst / "val" / str(c)).mkdir(parents=True, exist_ok=True)
+    per_class = [sorted((src / "val" / str(c)).iterdir()) for c in classes]
+    val_files = [files[i] for i in range(max(map(len, per_class))) for files in per_class if i < len(files)][:val_total]
+    for f in val_files:
+        shutil.copy(f, dst / "val" / f.parent.name / f.name)
+    return dst

@@ -1,0 +1,201 @@
+"""The training engine in-process on tiny models: it learns, every preset runs, resume is exact,
+and faults (non-finite loss, corrupt images, truncated checkpoints) are handled."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine_utils import (FAST, TINY_LITV2, assert_same_tensors, compose, load_state, metrics_rows,
+                          make_digits_subset, train_in_process)
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from litv2.data import prepare_digits
+
+    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
+def test_quickstart_short_learns_and_reports(digits, tmp_path):
+    """A 3-epoch quickstart: loss falls, val top-1 far above chance and equal to an independent count."""
+    run = tmp_path / "run"
+    summary = train_in_process(["experiment=quickstart", f"data.root={digits}", "trainer.epochs=3",
+                                "data.num_workers=0", "logger.wandb.mode=offline", "profile.batch_size=2",
+                                "profile.runs=1", "profile.warmup=0", "trainer.log_every=5"], run)
+    losses = [r["train/loss"] for r in metrics_rows(run, "train/loss")]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert summary["final_top1"] > 60.0  # chance is 10 %
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("final_top1", "final_top5", "best_top1", "best_top5", "params", "gflops", "throughput",
+                "epochs", "wall_time_s"):
+        assert on_disk[key] is not None, key
+    assert on_disk["epochs"] == 3 and on_disk["params"] > 0
+    assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    resolved = (run / "config.yaml").read_text()
+    assert "${" not in resolved and "quickstart" in resolved
+
+    # independent accuracy: our own decoding + normalisation, the weights from last.pth
+    import timm
+
+    import litv2  # noqa: F401
+
+    cfg_model = dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], alpha=0.5, local_ws=[0, 0, 2, 1])
+    model = timm.create_model("litv2_s", num_classes=10, img_size=32, **cfg_model).eval()
+    model.load_state_dict(load_state(run / "last.pth")["model"])
+    files = sorted((digits / "val").glob("*/*.png"))
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) for f in files]))
+    x = (x.permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5
+    y = torch.tensor([int(f.parent.name) for f in files])
+    with torch.no_grad():
+        correct = int((model(x).argmax(1) == y).sum())
+    assert 100.0 * correct / len(files) == pytest.approx(summary["final_top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("experiment", ["litv2_s_in1k", "litv2_m_in1k", "litv2_b_in1k", "litv2_b_384_ft", "quickstart"])
+def test_every_experiment_preset_runs_a_step(experiment, digits, tmp_path):
+    """The full preset (augmentation, Mixup, AMP, offset-LR groups) on tiny inputs, tiny width."""
+    summary = train_in_process([f"experiment={experiment}", "data=digits", f"data.root={digits}", "data.img_size=32",
+                                "data.batch_size=8", "trainer.max_steps=2", "trainer.precision=fp32", *TINY_LITV2,
+                                *FAST], tmp_path)
+    assert summary["steps"] == 2 and summary["final_top1"] is not None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_accumulation_train(precision, digits, tmp_path):
+    """autocast (+ GradScaler for fp16) and gradient accumulation; a timm model (CPU autocast lacks
+    torchvision's deform_conv2d used by the LITv2 DTM, which runs in fp16/bf16 on GPUs only)."""
+    summary = train_in_process(["data=digits", "aug=none", "model=timm", "model.name=resnet10t", f"data.root={digits}",
+                                f"trainer.precision={precision}", "trainer.accum_steps=2", "data.batch_size=8",
+                                "trainer.max_steps=3", *FAST], tmp_path)
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+    state = load_state(tmp_path / "last.pth")
+    assert (state["scaler"] != {}) == (precision == "fp16")
+
+
+def test_litv2_s_full_size_on_synthetic_data(tmp_path):
+    """issue 3: `train.py model=litv2_s hilo.alpha=0.9 data=synthetic trainer.max_steps=2` end to end."""
+    summary = train_in_process(["model=litv2_s", "hilo.alpha=0.9", "data=synthetic", "trainer.max_steps=2",
+                                "data.img_size=64", "data.batch_size=2", "data.train_size=8", "data.val_size=2",
+                                *FAST], tmp_path)
+    assert summary["steps"] == 2 and summary["model"] == "litv2_s"
+
+
+def test_offset_convs_get_their_own_lr_and_no_decay_on_1d_params():
+    from litv2.engine.builders import build_model, build_optimizer, build_scheduler
+
+    cfg = compose(["data=digits", *TINY_LITV2])
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model, world_size=1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    offset_groups = [g for g in opt.param_groups if g.get("lr_scale") == 0.01]
+    assert offset_groups and all("conv_offset" in names[id(p)] for g in offset_groups for p in g["params"])
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.ndim <= 1:
+                assert g["weight_decay"] == 0.0, names[id(p)]
+    sched = build_scheduler(cfg, opt, steps_per_epoch=10, world_size=1)
+    sched.step_update(5)
+    base = [g for g in opt.param_groups if "lr_scale" not in g][0]["lr"]
+    assert offset_groups[0]["lr"] == pytest.approx(0.01 * base)
+
+
+RESUME = ["experiment=quickstart", "aug=deit", "trainer.ema.enabled=true", "trainer.ema.decay=0.9",
+          "model.drop_path_rate=0.1", "data.batch_size=16", "trainer.deterministic=true", "trainer.log_every=1", *FAST]
+
+
+def test_resume_2_plus_2_equals_4_bitwise(digits, tmp_path):
+    """Mid-epoch resume restores weights, optimizer, EMA, LR, sampler position and every RNG."""
+    base = [*RESUME, f"data.root={digits}"]
+    train_in_process(base + ["trainer.max_steps=4"], tmp_path / "straight")
+    train_in_process(base + ["trainer.max_steps=2"], tmp_path / "first")
+    train_in_process(base + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'first' / 'last.pth'}"],
+                     tmp_path / "second")
+    a, b = load_state(tmp_path / "straight" / "last.pth"), load_state(tmp_path / "second" / "last.pth")
+    assert a["progress"]["global_step"] == b["progress"]["global_step"] == 4
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_same_tensors(sa, sb)
+    first = load_state(tmp_path / "first" / "last.pth")
+    assert not all(torch.equal(first["model"][k], a["model"][k]) for k in a["model"])
+    straight = [(r["step"], r["train/lr"], r["train/loss"]) for r in metrics_rows(tmp_path / "straight", "train/lr")]
+    resumed = [(r["step"], r["train/lr"], r["train/loss"]) for r in metrics_rows(tmp_path / "second", "train/lr")]
+    assert len(straight) == 4 and resumed == straight[2:]  # same LR and loss at steps 3 and 4
+
+
+def _nan_after(step: int, monkeypatch):
+    import litv2.engine.trainer as trainer
+
+    real = trainer.build_mixup_and_criterion
+    calls = {"n": 0}
+
+    def patched(aug_cfg, num_classes):
+        mixup, criterion = real(aug_cfg, num_classes)
+
+        def nan_loss(out, target):
+            calls["n"] += 1
+            loss = criterion(out, target)
+            return loss * float("nan") if calls["n"] > step else loss
+
+        return mixup, nan_loss
+
+    monkeypatch.setattr(trainer, "build_mixup_and_criterion", patched)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(digits, tmp_path, monkeypatch):
+    from litv2.engine import NonFiniteLoss
+
+    _nan_after(3, monkeypatch)
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        train_in_process(["experiment=quickstart", f"data.root={digits}", "trainer.ckpt_every_steps=2", *FAST],
+                         tmp_path)
+    state = load_state(tmp_path / "last.pth")
+    assert state["progress"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_skip_mode_trains_on(digits, tmp_path, monkeypatch):
+    _nan_after(3, monkeypatch)
+    summary = train_in_process(["experiment=quickstart", f"data.root={digits}", "trainer.on_nonfinite=skip",
+                                "trainer.max_steps=5", *FAST], tmp_path)
+    assert summary["steps"] == 5 and summary["skipped_steps"] == 2
+
+
+def test_corrupt_images_are_skipped_and_counted(digits, tmp_path):
+    root = make_digits_subset(digits, tmp_path / "data", per_class_train=4, val_total=20)
+    (root / "train" / "3" / "broken.png").write_bytes(b"not an image at all")
+    good = (root / "train" / "5").iterdir().__next__().read_bytes()
+    (root / "train" / "5" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "val" / "1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 junk")
+    summary = train_in_process(["experiment=quickstart", "data=folder", f"data.root={root}", "data.num_classes=10",
+                                "data.batch_size=7", "trainer.epochs=2",
+                                *FAST], tmp_path / "run")
+    assert summary["epochs"] == 2
+    assert summary["skipped_images"] == 2 * 2  # two unreadable training files, seen once per epoch
+    val = metrics_rows(tmp_path / "run", "val/skipped_images")
+    assert val[-1]["val/skipped_images"] == 1 and val[-1]["val/images"] == 20
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, caplog):
+    from litv2.engine import checkpoint as ckpt
+
+    for step in (1, 2):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "step": step, "w": torch.arange(1000.0)}, tmp_path / ckpt.LAST,
+                         keep_previous=ckpt.PREV)
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+    data = (tmp_path / ckpt.LAST).read_bytes()
+    (tmp_path / ckpt.LAST).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="unreadable or truncated"):
+        ckpt.load_file(tmp_path / ckpt.LAST)
+    state, path = ckpt.load_resume_state(tmp_path)
+    assert path.name == ckpt.PREV and state["step"] == 1
+    (tmp_path / ckpt.PREV).write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_resume_state(tmp_path)
