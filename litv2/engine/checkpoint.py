@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -58,8 +59,11 @@ def load_file(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unsafe pickle, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({first})") from None
+        if isinstance(e, pickle.UnpicklingError):
+            why = "not a PyTorch weights file, or it holds objects that weights_only loading refuses"
+        else:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({why})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
     return state

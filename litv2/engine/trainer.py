@@ -113,7 +113,6 @@ def _remove_if_fresh(run_dir: Path):
 def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
     t = cfg.trainer
     device = info.device
-    run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
 
     # ---- data (rank 0 builds the digits tree first; a bad root fails here in one line) ------------
     if info.is_main:
@@ -121,6 +120,7 @@ def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
     barrier(info)
     if not info.is_main:
         root = dataset_root(cfg.data)
+    run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
     train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size)
     val_loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
     steps_per_epoch = len(train_loader) // t.accum_steps
