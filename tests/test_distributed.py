@@ -1,0 +1,106 @@
+"""torchrun with 2 CPU ranks (gloo): one run dir, the single-process loss curve, exact val metrics on
+an odd-sized val set, and SIGTERM + rerun = an uninterrupted 2-rank run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine_utils import ENV, FAST, ROOT, assert_same_tensors, load_state, make_digits_subset, metrics_rows, \
+    train_in_process
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo + signals")
+
+# A LayerNorm-only model (a 2-block ViT): with BatchNorm, per-rank statistics would legitimately differ.
+DDP = ["data=folder", "data.num_classes=10", "data.img_size=32", "data.crop_pct=1.0", "aug=none",
+       "model=timm", "model.name=vit_tiny_patch16_224", "+model.img_size=32", "+model.patch_size=8", "+model.depth=2",
+       "trainer.log_every=1", "trainer.deterministic=true", "optim.lr=1e-3", "optim.lr_base_batch=16",
+       "sched.warmup_epochs=0", "trainer.epochs=8", *FAST]
+
+
+def torchrun(args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "train.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from litv2.data import prepare_digits
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    digits = prepare_digits(tmp / "digits")
+    return make_digits_subset(digits, tmp / "small", per_class_train=8, val_total=21)  # 80 train, odd val
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs2")
+    args = [*DDP, f"data.root={data}", "data.batch_size=8", "trainer.max_steps=12", f"paths.runs_root={runs}"]
+    proc = torchrun(args)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    return runs, args
+
+
+def test_two_ranks_one_run_dir_and_single_process_curve(two_rank_run, data, tmp_path):
+    runs, _ = two_rank_run
+    run_dirs = [p.parent for p in runs.rglob("config_hash")]
+    assert len(run_dirs) == 1 and len(list(runs.rglob("metrics.jsonl"))) == 1
+    assert len(list(runs.rglob("summary.json"))) == 1 and len(list(runs.rglob("last.pth"))) == 1
+    assert [p.name for p in (runs / "vit_tiny_patch16_224").iterdir()] == [run_dirs[0].name]
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 16
+
+    # one process with the same global batch (16) sees the same images in each step
+    single = tmp_path / "single"
+    train_in_process([*DDP, f"data.root={data}", "data.batch_size=16", "trainer.max_steps=12"], single)
+    ddp_loss = [r["train/loss"] for r in metrics_rows(run_dirs[0], "train/loss")]
+    one_loss = [r["train/loss"] for r in metrics_rows(single, "train/loss")]
+    assert len(ddp_loss) == len(one_loss) == 12
+    assert ddp_loss[:6] == pytest.approx(one_loss[:6], rel=1e-4, abs=1e-5)
+
+    # val on 21 images (not divisible by 2 ranks): no duplicates, the same top-1 as one process
+    ddp_val = metrics_rows(run_dirs[0], "val/top1")[-1]
+    one_val = metrics_rows(single, "val/top1")[-1]
+    assert ddp_val["val/images"] == one_val["val/images"] == 21
+    assert ddp_val["val/top1"] == one_val["val/top1"]
+
+
+def test_sigterm_two_ranks_then_rerun_matches_uninterrupted(two_rank_run, tmp_path):
+    ref_runs, args = two_rank_run
+    runs = tmp_path / "runs"
+    args = [a if not a.startswith("paths.runs_root=") else f"paths.runs_root={runs}" for a in args]
+    proc = torchrun(args, start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            metrics = list(runs.rglob("metrics.jsonl"))
+            if metrics and any(r["step"] >= 3 for r in metrics_rows(metrics[0].parent, "train/loss")):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both ranks
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    stopped = load_state(next(runs.rglob("last.pth")))["progress"]["global_step"]
+    assert 3 <= stopped < 12, out[-3000:]
+    assert "stopped: received SIGTERM" in out, out[-3000:]  # saved by the signal handler, not an epoch end
+    assert not list(runs.rglob("summary.json"))
+
+    time.sleep(1.1)
+    rerun = torchrun(args)
+    out, _ = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, out[-4000:]
+    assert len(list(runs.rglob("config_hash"))) == 1
+    resumed = load_state(next(runs.rglob("last.pth")))
+    straight = load_state(next(ref_runs.rglob("last.pth")))
+    assert resumed["progress"]["global_step"] == straight["progress"]["global_step"] == 12
+    assert_same_tensors(straight["model"], resumed["model"])
