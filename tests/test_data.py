@@ -1,0 +1,93 @@
+"""Data: the embedded digits tree, resumable/sharded samplers, the dataset tools in data/."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from engine_utils import ENV, ROOT
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from litv2.data import prepare_digits
+
+    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
+def test_digits_tree_is_a_deterministic_rgb_imagefolder(digits, tmp_path):
+    from litv2.data import check_image_folder, prepare_digits
+
+    report = check_image_folder(digits, verify=True, num_classes=10)
+    assert report["train"]["images"] + report["val"]["images"] == 1797
+    assert report["val"]["images"] == 360 and not report["train"]["unreadable"]
+    img = Image.open(next((digits / "train" / "7").iterdir()))
+    assert img.format == "PNG" and img.mode == "RGB"
+    again = prepare_digits(tmp_path / "digits")
+    assert sorted(p.name for p in (again / "val" / "3").iterdir()) == sorted(p.name for p in (digits / "val" / "3").iterdir())
+
+
+def test_resumable_sampler_shards_resumes_and_seeds_per_sample():
+    from litv2.data import ResumableSampler
+
+    full = list(ResumableSampler(103, seed=1))
+    assert sorted(i for i, _ in full) == list(range(103))
+    s = ResumableSampler(103, seed=1)
+    s.set_epoch(0, start=40)
+    assert list(s) == full[40:] and len(s) == 63
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in full]
+    ranks = [list(ResumableSampler(103, rank=r, world_size=2, seed=1)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 51  # same step count on every rank
+    assert not {i for i, _ in ranks[0]} & {i for i, _ in ranks[1]}
+    # rank r takes positions r, r+2, ... of the global order: step k of 2 ranks = step k of 1 process
+    assert [x for pair in zip(*ranks) for x in pair] == full[:102]
+
+
+def test_shard_sampler_counts_every_val_image_once():
+    from litv2.data import ShardSampler
+
+    shards = [list(ShardSampler(21, r, 4)) for r in range(4)]
+    assert sorted(sum(shards, [])) == list(range(21))
+
+
+def test_seeded_augmentation_does_not_depend_on_global_rng(digits):
+    from omegaconf import OmegaConf
+
+    from litv2.data import RobustImageFolder, build_transform
+
+    aug = OmegaConf.load(ROOT / "conf" / "aug" / "deit.yaml")
+    data = OmegaConf.load(ROOT / "conf" / "data" / "digits.yaml")
+    ds = RobustImageFolder(str(digits / "train"), transform=build_transform(data, aug, is_training=True))
+    torch.manual_seed(0)
+    a = ds[(5, 1234)][0]
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    b = ds[(5, 1234)][0]
+    assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
+    assert not torch.equal(a, ds[(5, 4321)][0])
+
+
+def test_check_dataset_tool(digits, tmp_path):
+    tool = [sys.executable, str(ROOT / "data" / "check_dataset.py")]
+    ok = subprocess.run(tool + [str(digits), "--num-classes", "10"], capture_output=True, text=True, env=ENV)
+    assert ok.returncode == 0 and "train: 10 classes, 1437 images" in ok.stdout
+    bad = subprocess.run(tool + [str(tmp_path / "nowhere")], capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 1 and "does not exist; expected <root>/train" in bad.stderr
+
+
+def test_prepare_imagenet_val_sorts_a_flat_folder(tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    labels = {"ILSVRC2012_val_00000001.JPEG": "n01440764", "ILSVRC2012_val_00000002.JPEG": "n01443537",
+              "ILSVRC2012_val_00000003.JPEG": "n01440764"}
+    for name in labels:
+        Image.new("RGB", (8, 8)).save(val / name, format="JPEG")
+    (tmp_path / "labels.txt").write_text("".join(f"{k} {v}\n" for k, v in labels.items()))
+    tool = [sys.executable, str(ROOT / "data" / "prepare_imagenet_val.py"), str(val), "--labels", str(tmp_path / "labels.txt")]
+    out = subprocess.run(tool, capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (val / "n01440764").iterdir()) == ["ILSVRC2012_val_00000001.JPEG",
+                                                                      "ILSVRC2012_val_00000003.JPEG"]
+    assert (val / "n01443537" / "ILSVRC2012_val_00000002.JPEG").exists()
