@@ -15,7 +15,10 @@ from litv2.engine import main_guard, rank_zero_hydra_overrides
 def main(cfg):
     from litv2.engine import train
 
-    return main_guard(train, cfg, run_dir=HydraConfig.get().runtime.output_dir,
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    owns_dir = hc.output_subdir is not None  # false on torchrun ranks > 0 (see rank_zero_hydra_overrides)
+    return main_guard(train, cfg, run_dir=run_dir, fresh_dir=run_dir if owns_dir else None,
                       exit_code_on_signal=cfg.trainer.signal_exit_code)
 
 

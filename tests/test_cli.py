@@ -41,7 +41,7 @@ def _assert_one_line_error(proc, expected: str):
 def test_train_bad_inputs_fail_in_one_line(args, expected, tmp_path):
     proc = run_script("train.py", [*args, f"paths.runs_root={tmp_path}", "logger=none"], timeout=120)
     _assert_one_line_error(proc, expected)
-    assert not list(tmp_path.rglob("*.pth"))
+    assert not list(tmp_path.rglob("*")), "a failed start must leave no run dir behind"
 
 
 def test_eval_unreadable_checkpoint_fails_in_one_line(tmp_path):

@@ -36,7 +36,8 @@ def build_transform(data_cfg, aug_cfg, is_training: bool):
             crop_pct=data_cfg.crop_pct, crop_mode=data_cfg.crop_mode,
             mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
     return create_transform(
-        data_cfg.img_size, is_training=True, auto_augment=aug_cfg.auto_augment,
+        data_cfg.img_size, is_training=True, scale=tuple(aug_cfg.scale), ratio=tuple(aug_cfg.ratio),
+        hflip=aug_cfg.hflip, auto_augment=aug_cfg.auto_augment,
         color_jitter=aug_cfg.color_jitter or None, interpolation=aug_cfg.interpolation,
         re_prob=aug_cfg.reprob, re_mode=aug_cfg.remode, re_count=aug_cfg.recount,
         mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
