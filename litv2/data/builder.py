@@ -50,13 +50,23 @@ def _dataset(data_cfg, aug_cfg, root, split: str, is_training: bool):
     return RobustImageFolder(str(root / split), transform=build_transform(data_cfg, aug_cfg, is_training))
 
 
+def _ignore_stop_signals(_worker_id: int):
+    """Loader workers leave SIGTERM/SIGUSR1/SIGUSR2 to the main process, which saves and then shuts
+    them down (SLURM signals every process of a job; a worker dying first would crash the step)."""
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _loader(data_cfg, dataset, sampler, drop_last: bool):
     workers = int(data_cfg.num_workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available(),
         persistent_workers=bool(data_cfg.persistent_workers) and workers > 0,
-        collate_fn=collate_skip_corrupt,
+        collate_fn=collate_skip_corrupt, worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         generator=torch.Generator())  # its own generator: iterating never consumes the global RNG
 
 

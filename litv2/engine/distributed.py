@@ -90,3 +90,10 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo):
     if info.distributed:
         dist.barrier()
+
+
+def sync_buffers(model: torch.nn.Module, info: DistInfo):
+    """Give every rank rank 0's buffers (BatchNorm running stats) so evaluation is rank-independent."""
+    if info.distributed:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)

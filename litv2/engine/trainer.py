@@ -33,7 +33,8 @@ from litv2.logging import RunLogger, log
 
 from . import checkpoint as ckpt
 from .builders import build_model, build_optimizer, build_scheduler, check_config, lr_scale
-from .distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
+                          init_distributed, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
 from .signals import Preempted, StopOnSignal
 
@@ -217,6 +218,7 @@ def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
             if epoch_finished:
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
             if done or not epoch_finished or (epoch + 1) % t.eval_every == 0 or progress.epoch == t.epochs:
+                sync_buffers(model, info)
                 metrics = evaluate(model, val_loader, device, t.precision, info, t.channels_last)
                 row = {"step": progress.global_step, "epoch": epoch + 1, **{f"val/{k}": v for k, v in metrics.items()}}
                 if ema is not None:
