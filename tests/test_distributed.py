@@ -104,3 +104,18 @@ def test_sigterm_two_ranks_then_rerun_matches_uninterrupted(two_rank_run, tmp_pa
     straight = load_state(next(ref_runs.rglob("last.pth")))
     assert resumed["progress"]["global_step"] == straight["progress"]["global_step"] == 12
     assert_same_tensors(straight["model"], resumed["model"])
+
+
+def test_slurm_tasks_become_torch_ranks(monkeypatch):
+    """Under srun / submitit (one task per GPU) the engine exports torchrun's variables from SLURM's."""
+    from litv2.engine.distributed import _slurm_env_to_torchrun_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    _slurm_env_to_torchrun_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 1024

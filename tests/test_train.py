@@ -69,10 +69,11 @@ def test_every_experiment_preset_runs_a_step(experiment, digits, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_accumulation_train(precision, digits, tmp_path):
-    """autocast (+ GradScaler for fp16) and gradient accumulation; a timm model (CPU autocast lacks
+    """autocast (+ GradScaler for fp16), gradient accumulation, channels-last; a timm model (CPU autocast lacks
     torchvision's deform_conv2d used by the LITv2 DTM, which runs in fp16/bf16 on GPUs only)."""
     summary = train_in_process(["data=digits", "aug=none", "model=timm", "model.name=resnet10t", f"data.root={digits}",
                                 f"trainer.precision={precision}", "trainer.accum_steps=2", "data.batch_size=8",
+                                "trainer.channels_last=true",
                                 "trainer.max_steps=3", *FAST], tmp_path)
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0
     state = load_state(tmp_path / "last.pth")

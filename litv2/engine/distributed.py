@@ -30,12 +30,16 @@ class DistInfo:
 
 
 def _slurm_env_to_torchrun_env():
-    """Under `srun`/submitit with several tasks, export the torchrun variables from SLURM's."""
+    """Under `srun` / submitit with several tasks (one per GPU), export torchrun's variables from SLURM's."""
     if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
-    from submitit.helpers import TorchDistributedEnvironment
+    from submitit.slurm.slurm import SlurmJobEnvironment  # parses SLURM_JOB_NODELIST (gpu[07-08] -> gpu07, gpu08)
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = SlurmJobEnvironment()
+    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 20000))
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes))
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
