@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,28 @@ log = logging.getLogger(__name__)
 FORMAT = "litv2-train-v1"
 LAST, PREV, BEST = "last.pth", "last.prev.pth", "best.pth"
 # Keys that do not change what a run computes: a rerun that differs only here is the same run.
-_NOT_IDENTITY = ("trainer.resume", "logger", "data.num_workers", "data.pin_memory", "data.persistent_workers")
+_NOT_IDENTITY = ("trainer.resume", "logger", "profile", "data.num_workers", "data.pin_memory", "data.persistent_workers")
 
 
 class CheckpointError(UserError):
     pass
+
+
+# What a run dir holds before any training happened: Hydra's .hydra/ and our resolved config.
+SETUP_ONLY = {".hydra", "config.yaml", "config_hash"}
+
+
+def remove_if_unused(run_dir) -> bool:
+    """Delete a run dir (and its parent, if then empty) that holds nothing but setup files."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= SETUP_ONLY:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # runs/<name>/ if nothing else is in it
+    except OSError:
+        pass
+    return True
 
 
 def save_atomic(state: dict, path, keep_previous: str | None = None):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import tempfile
 
 from litv2.errors import UserError
 
+from .checkpoint import remove_if_unused
 from .signals import Preempted
 
 
@@ -27,10 +27,6 @@ def rank_zero_hydra_overrides(argv: list[str]) -> list[str]:
     return argv + ["hydra.output_subdir=null", f"hydra.run.dir={tempfile.gettempdir()}"]
 
 
-# What a run dir holds before any training happened (Hydra's .hydra/, our resolved config).
-_SETUP_ONLY = {".hydra", "config.yaml", "config_hash"}
-
-
 def main_guard(fn, *args, exit_code_on_signal: int = 143, fresh_dir=None, **kwargs):
     """Call fn; a UserError becomes one line on stderr and exit status 2 (and ``fresh_dir``, the
     run dir Hydra made for this command, is removed if nothing but setup files landed in it); a
@@ -40,12 +36,8 @@ def main_guard(fn, *args, exit_code_on_signal: int = 143, fresh_dir=None, **kwar
         return fn(*args, **kwargs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        if fresh_dir and os.path.isdir(fresh_dir) and set(os.listdir(fresh_dir)) <= _SETUP_ONLY:
-            shutil.rmtree(fresh_dir, ignore_errors=True)
-            try:
-                os.rmdir(os.path.dirname(os.path.abspath(fresh_dir)))  # runs/<name>/ if now empty
-            except OSError:
-                pass
+        if fresh_dir:
+            remove_if_unused(fresh_dir)
         sys.exit(2)
     except Preempted as p:
         print(f"stopped: {p}", file=sys.stderr, flush=True)

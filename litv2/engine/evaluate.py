@@ -89,9 +89,12 @@ def profile_model(model, cfg, device) -> dict:
     from litv2.profiling import efficiency_report
 
     p = cfg.profile
+    on_gpu = torch.device(device).type == "cuda"
+    runs = p.runs if p.runs is not None else (30 if on_gpu else 3)
+    warmup = p.warmup if p.warmup is not None else (10 if on_gpu else 1)
     try:
         return efficiency_report(model, img_size=p.img_size, device=device, batch_size=p.batch_size,
-                                 runs=p.runs, warmup=p.warmup, memory=p.memory)
+                                 runs=runs, warmup=warmup, memory=p.memory)
     except Exception as e:  # profiling must never cost a finished training run
         log.warning("efficiency report failed: %s", e)
         return {"profile_error": str(e).splitlines()[0] if str(e) else type(e).__name__}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,7 +92,7 @@ def decide_run_dir(cfg, run_dir, info: DistInfo):
             if not ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
                 previous = ckpt.find_unfinished_run(cfg.paths.runs_root, cfg_hash, exclude=run_dir)
                 if previous is not None:
-                    _remove_if_fresh(run_dir)
+                    ckpt.remove_if_unused(run_dir)  # the dir Hydra just made for this command
                     run_dir = previous
             if (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
                 resume_from = "auto"
@@ -103,12 +102,6 @@ def decide_run_dir(cfg, run_dir, info: DistInfo):
         decision = (str(run_dir), resume_from)
     run_dir, resume_from = broadcast_object(decision, info)
     return Path(run_dir), resume_from
-
-
-def _remove_if_fresh(run_dir: Path):
-    """Delete the directory Hydra just made for this command if it holds nothing but .hydra/."""
-    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
