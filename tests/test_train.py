@@ -57,6 +57,13 @@ def test_quickstart_short_learns_and_reports(digits, tmp_path):
         correct = int((model(x).argmax(1) == y).sum())
     assert 100.0 * correct / len(files) == pytest.approx(summary["final_top1"], abs=1e-9)
 
+    # eval of our own checkpoint: model and data settings come from the run's saved config
+    from litv2.engine import run_eval
+
+    result = run_eval(compose([f"checkpoint={run / 'last.pth'}", "profile.enabled=false", "data.num_workers=0"],
+                              config="eval"))
+    assert result["top1"] == summary["final_top1"] and result["images"] == 360
+
 
 @pytest.mark.parametrize("experiment", ["litv2_s_in1k", "litv2_m_in1k", "litv2_b_in1k", "litv2_b_384_ft", "quickstart"])
 def test_every_experiment_preset_runs_a_step(experiment, digits, tmp_path):

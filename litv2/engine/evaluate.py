@@ -58,13 +58,13 @@ def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | No
             "images": int(n), "skipped_images": int(skipped)}
 
 
-def load_weights(model, path, use_ema: bool = False, strict: bool = True) -> dict:
+def load_weights(model, path, use_ema: bool = False, strict: bool = True, state: dict | None = None) -> dict:
     """Load our training checkpoint (optionally its EMA) or an authors' release file into ``model``.
 
-    Returns the file's contents (for its metadata). A file that does not fit the model raises
-    UserError naming the first mismatching keys.
+    ``state``: the file's contents if already read. Returns them (for their metadata). A file that
+    does not fit the model raises UserError naming the first mismatching keys.
     """
-    state = load_file(path)
+    state = load_file(path) if state is None else state
     sd = state
     if state.get("format") == FORMAT:
         if use_ema and state.get("ema") is None:
@@ -111,11 +111,19 @@ def run_eval(cfg) -> dict:
     check_config(cfg, training=False)
     if not cfg.profile_only and cfg.checkpoint is None:
         raise UserError("checkpoint=<path> is required (or profile_only=true for the efficiency table alone)")
+    state = None
+    if not cfg.profile_only:
+        state = load_file(cfg.checkpoint)
+        if cfg.use_run_config and state.get("format") == FORMAT and state.get("config"):
+            cfg = with_run_config(cfg, state["config"])
+            log.info("model, hilo and data settings taken from the checkpoint's run config "
+                     "(use_run_config=false to use the command line's)")
+            check_config(cfg, training=False)
     info = init_distributed(cfg.trainer.device)
     model = build_model(cfg)
     results = {}
     if not cfg.profile_only:
-        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema)
+        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, state=state)
         root = dataset_root(cfg.data, splits=("val",))
         model.to(info.device)
         loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
@@ -130,3 +138,24 @@ def run_eval(cfg) -> dict:
             with open(cfg.output, "w") as f:
                 json.dump(results, f, indent=2)
     return results
+
+
+LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers")
+
+
+def with_run_config(cfg, run_cfg: dict):
+    """``cfg`` with the model, hilo and data settings a checkpoint was trained with; data keys given
+    on the command line (e.g. data.root=...) and the loader settings stay as given."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    explicit = set()
+    if HydraConfig.initialized():
+        explicit = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    run = OmegaConf.create(run_cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    cfg.model, cfg.hilo = run.model, run.hilo
+    for k, v in run.data.items():
+        if k not in LOADER_KEYS and f"data.{k}" not in explicit:
+            cfg.data[k] = v
+    return cfg

@@ -237,7 +237,7 @@ def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
                 "status": "completed", "run_dir": str(run_dir), "model": cfg.model.name,
                 "final_top1": final.get("top1"), "final_top5": final.get("top5"), "final_loss": final.get("loss"),
                 "best_top1": progress.best["top1"], "best_top5": progress.best["top5"], "best_epoch": progress.best["epoch"],
-                "epochs": progress.epoch, "steps": progress.global_step, "wall_time_s": round(time.time() - start_time, 2),
+                "epochs": round(progress.epoch + progress.step_in_epoch / steps_per_epoch, 4), "steps": progress.global_step, "wall_time_s": round(time.time() - start_time, 2),
                 "world_size": info.world_size, "global_batch": global_batch,
                 "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
             }
