@@ -106,16 +106,19 @@ def test_sigterm_two_ranks_then_rerun_matches_uninterrupted(two_rank_run, tmp_pa
     assert_same_tensors(straight["model"], resumed["model"])
 
 
-def test_slurm_tasks_become_torch_ranks(monkeypatch):
+def test_slurm_tasks_become_torch_ranks():
     """Under srun / submitit (one task per GPU) the engine exports torchrun's variables from SLURM's."""
+    from unittest import mock
+
     from litv2.engine.distributed import _slurm_env_to_torchrun_env
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
              "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
-    for k, v in slurm.items():
-        monkeypatch.setenv(k, v)
-    _slurm_env_to_torchrun_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
-    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 1024
+    with mock.patch.dict(os.environ, slurm):  # restores the whole environment afterwards
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        _slurm_env_to_torchrun_env()
+        exported = dict(os.environ)
+    assert (exported["RANK"], exported["WORLD_SIZE"], exported["LOCAL_RANK"]) == ("3", "4", "1")
+    assert exported["MASTER_ADDR"] == "gpu07" and int(exported["MASTER_PORT"]) > 1024
+    assert "RANK" not in os.environ and "SLURM_JOB_ID" not in os.environ

@@ -108,10 +108,16 @@ def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
     t = cfg.trainer
     device = info.device
 
-    # ---- data (rank 0 builds the digits tree first; a bad root fails here in one line) ------------
+    # ---- data (rank 0 builds the digits tree first; a bad root fails here, on every rank, in one line)
+    problem = None
     if info.is_main:
-        root = dataset_root(cfg.data)
-    barrier(info)
+        try:
+            root = dataset_root(cfg.data)
+        except UserError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)  # also the barrier: the tree exists once this returns
+    if problem:
+        raise UserError(problem)
     if not info.is_main:
         root = dataset_root(cfg.data)
     run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
