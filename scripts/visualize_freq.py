@@ -12,8 +12,9 @@ each map's mean removed first (``high_freq_fraction_ac``).
 Examples::
 
     python scripts/visualize_freq.py --model litv2_s --checkpoint litv2_s.pth --data-dir imagenet/val -n 100
-    python scripts/visualize_freq.py --model litv2_s --model-kwargs '{"num_classes": 10, "img_size": 32}' \
-        --checkpoint runs/quickstart/.../checkpoint.pth --digits --img-size 32 --stage 2 --block 1
+    python scripts/visualize_freq.py --checkpoint runs/quickstart/<date_time>/best.pth --digits --block 1
+    python scripts/visualize_freq.py --model litv2_s --model-kwargs tests/fixtures/tiny_a05_ws2.json \
+        --checkpoint tests/fixtures/tiny_a05_ws2.pth --digits -n 20
     python scripts/visualize_freq.py --model litv2_s              # random weights, noise images
 """
 from __future__ import annotations
@@ -33,10 +34,13 @@ BRANCHES = (("Hi-Fi", "h_proj"), ("Lo-Fi", "l_proj"))
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="litv2_s", help="timm model name (a LITv2 variant)")
+    p.add_argument("--model", default=None,
+                   help="timm model name (a LITv2 variant); default: the checkpoint's run config, else litv2_s")
     p.add_argument("--model-kwargs", default=None,
                    help="JSON object of constructor kwargs, or a JSON file (its 'constructor_kwargs' if present)")
-    p.add_argument("--checkpoint", default=None, help="weights loaded with litv2.models.load_checkpoint")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights loaded with litv2.models.load_checkpoint; a checkpoint of train.py brings its "
+                        "run dir's config.yaml (model name and kwargs, input size, normalisation) unless given")
     p.add_argument("--stage", type=int, default=2, help="0-based stage of the HiLo block (default 2 = stage 3)")
     p.add_argument("--block", type=int, default=0, help="block index inside the stage")
     src = p.add_mutually_exclusive_group()
@@ -68,6 +72,35 @@ def load_model_kwargs(spec: str | None) -> dict:
     if not isinstance(data, dict):
         raise SystemExit(f"--model-kwargs must be a JSON object, got {type(data).__name__}")
     return dict(data.get("constructor_kwargs", data))
+
+
+def run_config(args) -> dict:
+    """The resolved config train.py saved next to the checkpoint (``config.yaml``), or {}."""
+    if not args.checkpoint:
+        return {}
+    path = Path(args.checkpoint).resolve().parent / "config.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else {}
+
+
+def apply_run_config(args) -> None:
+    """Fill --model / --model-kwargs / --img-size and the normalisation from the checkpoint's run config."""
+    cfg = run_config(args)
+    args.norm = None
+    if cfg and args.model in (None, cfg["model"].get("name")) and args.model_kwargs is None:
+        model_cfg = dict(cfg["model"])
+        args.model = model_cfg.pop("name")
+        data = cfg.get("data") or {}
+        if data.get("num_classes") is not None:  # as litv2.engine.builders.build_model does
+            model_cfg.setdefault("num_classes", data["num_classes"])
+        args.model_kwargs = json.dumps(model_cfg)
+        args.img_size = args.img_size or data.get("img_size")
+        if data.get("mean") and data.get("std"):
+            args.norm = (list(data["mean"]), list(data["std"]))
+    args.model = args.model or "litv2_s"
 
 
 def build_model(args) -> nn.Module:
@@ -113,6 +146,8 @@ def image_batches(args, model: nn.Module):
     if args.data_dir:
         from torchvision.datasets import ImageFolder
         cfg.update(input_size=(3, size, size))
+        if getattr(args, "norm", None):
+            cfg.update(mean=tuple(args.norm[0]), std=tuple(args.norm[1]))
         dataset = ImageFolder(args.data_dir, transform=timm.data.create_transform(**cfg, is_training=False))
         if len(dataset) == 0:
             raise SystemExit(f"no images under {args.data_dir}")
@@ -125,8 +160,9 @@ def image_batches(args, model: nn.Module):
         images = torch.from_numpy(load_digits().images[:n]).float() / 16.0  # (n, 8, 8) in [0, 1]
         images = torch.nn.functional.interpolate(images[:, None], size=(size, size), mode="bicubic",
                                                  align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
-        mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        mean_, std_ = getattr(args, "norm", None) or (cfg["mean"], cfg["std"])
+        mean = torch.tensor(mean_).view(1, 3, 1, 1)
+        std = torch.tensor(std_).view(1, 3, 1, 1)
         images = (images - mean) / std
         yield from images.split(bs)
     else:
@@ -222,6 +258,7 @@ def plot_spectra(accs: dict[str, SpectrumAccumulator], channels: list[int], path
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    apply_run_config(args)
     model = build_model(args)
     attn = find_block_attn(model, args.stage, args.block)
     accs = collect_spectra(model, attn, image_batches(args, model), args.low_band)

@@ -189,6 +189,22 @@ def test_visualize_freq_rejects_block_without_hilo_branches(tmp_path):
         main(base + ["--stage", "2", "--block", "5"])
 
 
+def test_visualize_freq_reads_the_run_config_next_to_a_checkpoint(tmp_path):
+    """A train.py checkpoint brings its model, input size and normalisation from the run dir's config.yaml."""
+    import shutil
+    kwargs = json.loads((FIXTURES / "tiny_a05_ws2.json").read_text())["constructor_kwargs"]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIXTURES / "tiny_a05_ws2.pth", run / "best.pth")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "litv2_s", **{k: v for k, v in kwargs.items() if k != "num_classes"}, "img_size": 32},
+        "data": {"img_size": 32, "num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    result = load_script("visualize_freq.py")["main"](["--checkpoint", str(run / "best.pth"), "--digits", "-n", "4",
+                                                       "--out", str(tmp_path / "q.png")])
+    assert result["model"] == "litv2_s" and result["map_size"] == [2, 2]  # 32x32 input from the run config
+    assert (tmp_path / "q.png").is_file()
+
+
 def test_spectrum_accumulator_algorithm_1_and_band_energy():
     acc_cls = load_script("visualize_freq.py")["SpectrumAccumulator"]
     torch.manual_seed(0)
