@@ -320,3 +320,20 @@ def test_cpu_pointwise_conv_path_computes_the_same_as_linear():
     torch.testing.assert_close(out_conv, out_lin, atol=1e-4, rtol=0)
     for a, b in zip(g_conv, g_lin):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_autocast_bf16_forward_backward():
+    """Mixed precision on CPU (trainer.precision=bf16): DTM's deformable conv runs in fp32 inside."""
+    torch.manual_seed(0)
+    model = LITv2(**TINY).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert model.layers[0].downsample.dconv.conv_offset.weight.grad is not None
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x).float()
+    with torch.no_grad():
+        ref = model(x)
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()

@@ -91,6 +91,12 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # Bilinear sampling positions need fp32 (torchvision has no bf16/fp16 CPU kernel and casts
+            # to fp32 under CUDA autocast too): run the deformable conv in fp32, as torchvision does.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(),
+                                     stride=self.stride, padding=self.padding)
         return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding)
 
 
@@ -114,7 +120,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  window_size: int = 0, alpha: float = 0.9, attention: str = "hilo", block_idx: int = 0,
-                 norm_layer=nn.LayerNorm):
+                 stage_idx: int | None = None, norm_layer=nn.LayerNorm):
         super().__init__()
         self.has_attn = window_size != 0
         if self.has_attn:
@@ -125,8 +131,8 @@ class Block(nn.Module):
             else:
                 from .attentions import create_attention  # ablation alternatives (paper Table 4)
                 self.attn = create_attention(attention, dim, num_heads, window_size=window_size, alpha=alpha,
-                                             qkv_bias=qkv_bias, block_idx=block_idx, attn_drop=attn_drop,
-                                             proj_drop=drop)
+                                             qkv_bias=qkv_bias, block_idx=block_idx, stage_idx=stage_idx,
+                                             attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop)
@@ -248,7 +254,7 @@ class LITv2(nn.Module):
                 dims[i], dims[i + 1] if i < n - 1 else None, depths[i], num_heads[i], local_ws[i],
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < n - 1,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                alpha=alphas[i], attention=attention, norm_layer=norm_layer))
+                alpha=alphas[i], attention=attention, stage_idx=i, norm_layer=norm_layer))
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
             reduction *= 2
         self.norm = norm_layer(self.num_features)
