@@ -90,11 +90,37 @@ def expand_models(spec: str) -> list[str]:
     return names
 
 
+class PlainLinearKernel(nn.Module):
+    """A LITv2 on plain ops (``F.linear``/addmm, conv then ``F.gelu``) on CPU: the reference kernels.
+
+    ``--models litv2_s,litv2_s@addmm`` times both kernels of the same weights in one run.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from litv2.models.layers import cpu_onednn
+
+        previous = cpu_onednn()
+        cpu_onednn(False)
+        try:
+            return self.model(x)
+        finally:
+            cpu_onednn(previous)
+
+
 def build_model(name: str, img_size: int) -> nn.Module:
-    """``timm.create_model(name, pretrained=False)``; non-224 inputs get the size-dependent kwargs."""
+    """``timm.create_model(name, pretrained=False)``; non-224 inputs get the size-dependent kwargs.
+
+    ``<litv2 name>@addmm`` builds that LITv2 with the plain ``F.linear`` kernel (see PlainLinearKernel).
+    """
     import timm
 
     import litv2  # noqa: F401  (registers litv2_*)
+    if name.endswith("@addmm"):
+        return PlainLinearKernel(build_model(name[:-len("@addmm")], img_size)).eval()
     kwargs = {}
     if name.startswith("faster_vit"):
         import fastervit  # noqa: F401  (registers faster_vit_* with timm)

@@ -72,19 +72,19 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--linear-kernel", choices=["auto", "addmm"], default="auto",
-                   help="auto: LITv2 linears run as oneDNN 1x1 convs on CPU; addmm: plain F.linear")
+                   help="auto: LITv2 uses its oneDNN CPU kernels (litv2.models.layers); addmm: plain F.linear/conv/GELU")
     p.add_argument("--row-limit", type=int, default=15)
     p.add_argument("--kwargs", default="", help="extra model kwargs, e.g. 'embed_dim=16,depths=[1,1,2,1]'")
     args = p.parse_args(argv)
 
     import timm
     import litv2  # noqa: F401  (registers the models)
-    from litv2.models.layers import cpu_pointwise_conv
+    from litv2.models.layers import cpu_onednn
     from litv2.profiling import count_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu_pointwise_conv(args.linear_kernel == "auto")
+    cpu_onednn(args.linear_kernel == "auto")
     kwargs = {}
     for item in filter(None, _split_kwargs(args.kwargs)):
         k, v = item.split("=", 1)

@@ -299,9 +299,9 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
         torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
 
 
-def test_cpu_pointwise_conv_path_computes_the_same_as_linear():
-    """The oneDNN 1x1-conv kernel for channels-last maps is a speed change only (outputs and grads)."""
-    from litv2.models.layers import cpu_pointwise_conv
+def test_cpu_onednn_kernels_compute_the_same_as_plain_ops():
+    """oneDNN kernels (linear as 1x1 conv, fused dwconv+GELU) are a speed change only: outputs and grads."""
+    from litv2.models.layers import cpu_onednn
 
     torch.manual_seed(0)
     model = LITv2(**TINY).train()
@@ -309,13 +309,13 @@ def test_cpu_pointwise_conv_path_computes_the_same_as_linear():
     results = []
     try:
         for enabled in (True, False):
-            cpu_pointwise_conv(enabled)
+            cpu_onednn(enabled)
             model.zero_grad()
             out = model(x)
             out.sum().backward()
             results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     finally:
-        cpu_pointwise_conv(True)
+        cpu_onednn(True)
     (out_conv, g_conv), (out_lin, g_lin) = results
     torch.testing.assert_close(out_conv, out_lin, atol=1e-4, rtol=0)
     for a, b in zip(g_conv, g_lin):
@@ -337,3 +337,21 @@ def test_cpu_autocast_bf16_forward_backward():
     with torch.no_grad():
         ref = model(x)
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_cpu_onednn_inference_matches_plain_ops_on_release_weights():
+    """Inference path (fused dwconv+GELU, no autograd) against plain F.linear / conv / F.gelu."""
+    from litv2.models.layers import cpu_onednn
+
+    kwargs = json.loads((FIXTURES / "tiny_a05_ws2.json").read_text())["constructor_kwargs"]
+    model = LITv2(**kwargs).eval()
+    load_checkpoint(model, FIXTURES / "tiny_a05_ws2.pth")
+    x = torch.randn(3, 3, 80, 48)
+    try:
+        with torch.inference_mode():
+            fast = model(x)
+            cpu_onednn(False)
+            plain = model(x)
+    finally:
+        cpu_onednn(True)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)

@@ -70,17 +70,15 @@ def load_weights(model, path, use_ema: bool = False, strict: bool = True, state:
         if use_ema and state.get("ema") is None:
             raise UserError(f"checkpoint {path} holds no EMA weights (trained with trainer.ema.enabled=false)")
         sd = state["ema"] if use_ema else state["model"]
-    from litv2.models import checkpoint_filter_fn
+    from litv2.models import load_filtered_state_dict
 
-    sd = checkpoint_filter_fn(sd, model)  # unwraps {"model": ...}, strips module./_orig_mod., drops a foreign head
-    head_dropped = [k for k in model.state_dict() if k.startswith("head.") and k not in sd]
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if k not in head_dropped]
-    if strict and (missing or result.unexpected_keys or head_dropped):
+    # unwraps {"model": ...}, strips module./_orig_mod., leaves a foreign-shaped classifier fresh
+    missing, unexpected, head_dropped = load_filtered_state_dict(model, sd)
+    if strict and (missing or unexpected or head_dropped):
         raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: missing keys "
-                        f"{(missing + head_dropped)[:3]}, unexpected keys {result.unexpected_keys[:3]}")
-    if missing or result.unexpected_keys:
-        log.warning("loaded %s with %d missing and %d unexpected keys", path, len(missing), len(result.unexpected_keys))
+                        f"{(missing + head_dropped)[:3]}, unexpected keys {unexpected[:3]}")
+    if missing or unexpected:
+        log.warning("loaded %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
     return state
 
 

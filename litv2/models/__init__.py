@@ -5,6 +5,7 @@ from .litv2 import (
     DeformableTokenMerging,
     checkpoint_filter_fn,
     load_checkpoint,
+    load_filtered_state_dict,
     litv2_b,
     litv2_b_384,
     litv2_m,

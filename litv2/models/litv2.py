@@ -34,20 +34,24 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torchvision.ops import deform_conv2d
 
 from .hilo import HiLo
-from .layers import Linear
+from .layers import Linear, dwconv_gelu
 
-__all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint"]
+__all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint",
+           "load_filtered_state_dict"]
 
 
 class DWConv(nn.Module):
-    """3x3 depthwise conv with zero padding on a channels-last (B, H, W, C) map."""
+    """3x3 depthwise conv with zero padding, then GELU, on a channels-last (B, H, W, C) map.
+
+    The GELU lives here so that CPU inference can run both as one oneDNN kernel (``dwconv_gelu``).
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return dwconv_gelu(x.permute(0, 3, 1, 2), self.dwconv).permute(0, 2, 3, 1)
 
 
 class ConvFFN(nn.Module):
@@ -56,13 +60,12 @@ class ConvFFN(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
-        self.dwconv = DWConv(hidden_features)
-        self.act = nn.GELU()
+        self.dwconv = DWConv(hidden_features)  # conv + GELU
         self.drop = nn.Dropout(drop)
         self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.dwconv(self.fc1(x)))
+        x = self.dwconv(self.fc1(x))
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -407,14 +410,24 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True, map_locati
         raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(raw, dict):
         raise RuntimeError(f"checkpoint {path} does not hold a state dict (got {type(raw).__name__})")
-    sd = checkpoint_filter_fn(raw, model)
+    missing, unexpected, head_dropped = load_filtered_state_dict(model, raw)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing={missing[:8]} "
+                           f"unexpected={unexpected[:8]}")
+    return missing + head_dropped, unexpected
+
+
+def load_filtered_state_dict(model: nn.Module, state_dict: dict) -> tuple[list[str], list[str], list[str]]:
+    """Load ``state_dict`` through :func:`checkpoint_filter_fn` (non-strict).
+
+    Returns ``(missing, unexpected, head_dropped)``: keys the file lacks (classifier excluded),
+    keys the model lacks, and the classifier keys left fresh because their shape did not match.
+    """
+    sd = checkpoint_filter_fn(state_dict, model)
     head_dropped = [k for k in model.state_dict() if k.startswith("head.") and k not in sd]
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if k not in head_dropped]
-    if strict and (missing or result.unexpected_keys):
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing={missing[:8]} "
-                           f"unexpected={result.unexpected_keys[:8]}")
-    return result.missing_keys, result.unexpected_keys
+    return missing, list(result.unexpected_keys), head_dropped
 
 
 # ---- registry ----------------------------------------------------------------------------------
