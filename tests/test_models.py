@@ -112,13 +112,20 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
 
 # ---- HiLo against naive references ---------------------------------------------------------------
 
+def zero_padded(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Copy of a (B, H, W, C) map into zeros whose sides are the next multiples of s."""
+    B, H, W, C = x.shape
+    xp = torch.zeros(B, math.ceil(H / s) * s, math.ceil(W / s) * s, C, dtype=x.dtype)
+    xp[:, :H, :W] = x
+    return xp
+
+
 def naive_hifi(layer: HiLo, x: torch.Tensor) -> torch.Tensor:
     """Explicit loop over s x s windows and heads; zero-padded inputs, cropped output."""
     B, H, W, C = x.shape
     s, nh, hd = layer.ws, layer.h_heads, layer.head_dim
-    Hp, Wp = math.ceil(H / s) * s, math.ceil(W / s) * s
-    xp = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
-    xp[:, :H, :W] = x
+    xp = zero_padded(x, s)
+    Hp, Wp = xp.shape[1:3]
     qkv = xp @ layer.h_qkv.weight.T + layer.h_qkv.bias
     out = torch.zeros(B, Hp, Wp, nh * hd, dtype=x.dtype)
     for i in range(0, Hp, s):
@@ -135,9 +142,8 @@ def naive_lofi(layer: HiLo, x: torch.Tensor) -> torch.Tensor:
     """Every query attends to explicitly averaged s x s windows of the zero-padded map."""
     B, H, W, C = x.shape
     s, nh, hd = layer.ws, layer.l_heads, layer.head_dim
-    Hp, Wp = math.ceil(H / s) * s, math.ceil(W / s) * s
-    xp = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
-    xp[:, :H, :W] = x
+    xp = zero_padded(x, s)
+    Hp, Wp = xp.shape[1:3]
     pooled = torch.stack([xp[:, i:i + s, j:j + s].sum(dim=(1, 2)) / (s * s)
                           for i in range(0, Hp, s) for j in range(0, Wp, s)], dim=1)  # (B, M, C)
     q = x.reshape(B, H * W, C) @ layer.l_q.weight.T + layer.l_q.bias
