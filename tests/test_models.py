@@ -361,3 +361,17 @@ def test_cpu_onednn_inference_matches_plain_ops_on_release_weights():
     finally:
         cpu_onednn(True)
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+
+
+def test_prune_intermediate_layers_keeps_requested_maps():
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        assert model.prune_intermediate_layers([0, 2]) == [0, 2]
+        assert len(model.layers) == 3 and model.layers[-1].downsample is None
+        pruned = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    for a, b in zip(full, pruned):
+        torch.testing.assert_close(a, b)
+    assert count_params(model) < count_params(LITv2(**TINY))

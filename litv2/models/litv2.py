@@ -328,12 +328,7 @@ class LITv2(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         n = len(self.layers)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
+        take = self._take_indices(indices)
         intermediates = []
         x = self.pos_drop(self.patch_embed(x))
         last = max(take) if stop_early else n - 1
@@ -350,8 +345,26 @@ class LITv2(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        return list(range(len(self.layers)))
+    def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        n = len(self.layers)
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int):
+            return list(range(n - indices, n))
+        return sorted(i % n for i in indices)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages (and DTM) after the last stage in ``indices``; optionally norm and head."""
+        take = self._take_indices(indices)
+        last = max(take)
+        self.layers = self.layers[:last + 1]
+        self.layers[-1].downsample = None
+        if prune_norm or last < len(self.depths) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
