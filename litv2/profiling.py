@@ -65,7 +65,7 @@ _IGNORED_OPS = [
     "aten::dropout", "aten::neg", "aten::exp", "aten::sum", "aten::clamp", "aten::clamp_min",
     "aten::linalg_vector_norm", "aten::norm", "aten::expand_as", "aten::fill_", "aten::hardswish",
     "aten::hardsigmoid", "aten::sqrt", "aten::pow", "aten::abs", "aten::cumsum", "aten::masked_fill",
-    "aten::scatter_add", "aten::new_zeros", "aten::zeros_like", "aten::layer_norm_backward",
+    "aten::scatter_add", "aten::new_zeros", "aten::zeros_like",
 ]
 
 
@@ -229,9 +229,10 @@ def efficiency_report(model: nn.Module, img_size=224, device="cpu", batch_size: 
     """Everything Table 1 reports except accuracy: params (M), GFLOPs, img/s, train/test memory (MB)."""
     device = torch.device(device)
     h, w = _img_hw(img_size)
+    params = count_params(model)
     report = {
-        "params": count_params(model),
-        "params_m": round(count_params(model) / 1e6, 3),
+        "params": params,
+        "params_m": round(params / 1e6, 3),
         "gflops": round(count_flops(model, (h, w), in_chans) / 1e9, 4),
         "img_size": [h, w],
         "batch_size": batch_size,

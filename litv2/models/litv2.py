@@ -462,44 +462,43 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
+# Supplementary Table I; every variant uses HiLo alpha 0.9 with s = [-, -, 2, 1].
+_HILO = dict(alpha=0.9, local_ws=(0, 0, 2, 1))
+_ARCH = {
+    "s": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_HILO),
+    "m": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_HILO),
+    "b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_HILO),
+}
+
+
+def _create_litv2(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> LITv2:
+    """Build ``variant`` with its Table I ``defaults``; any keyword the caller passes wins."""
+    kwargs = {**defaults, **kwargs}
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         LITv2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
 
 
-def _variant(defaults: dict, kwargs: dict) -> dict:
-    return {**defaults, **kwargs}
-
-
 @register_model
 def litv2_s(pretrained: bool = False, **kwargs) -> LITv2:
     """LITv2-S: C1 96, depths [2, 2, 6, 2], heads [3, 6, 12, 24], alpha 0.9, s [-, -, 2, 1], drop-path 0.2."""
-    return _create_litv2("litv2_s", pretrained, **_variant(dict(
-        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), alpha=0.9, local_ws=(0, 0, 2, 1),
-        drop_path_rate=0.2), kwargs))
+    return _create_litv2("litv2_s", pretrained, _ARCH["s"], kwargs)
 
 
 @register_model
 def litv2_m(pretrained: bool = False, **kwargs) -> LITv2:
     """LITv2-M: C1 96, depths [2, 2, 18, 2], heads [3, 6, 12, 24], alpha 0.9, s [-, -, 2, 1], drop-path 0.3."""
-    return _create_litv2("litv2_m", pretrained, **_variant(dict(
-        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), alpha=0.9, local_ws=(0, 0, 2, 1),
-        drop_path_rate=0.3), kwargs))
+    return _create_litv2("litv2_m", pretrained, _ARCH["m"], kwargs)
 
 
 @register_model
 def litv2_b(pretrained: bool = False, **kwargs) -> LITv2:
     """LITv2-B: C1 128, depths [2, 2, 18, 2], heads [4, 8, 16, 32], alpha 0.9, s [-, -, 2, 1], drop-path 0.5."""
-    return _create_litv2("litv2_b", pretrained, **_variant(dict(
-        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), alpha=0.9, local_ws=(0, 0, 2, 1),
-        drop_path_rate=0.5), kwargs))
+    return _create_litv2("litv2_b", pretrained, _ARCH["b"], kwargs)
 
 
 @register_model
 def litv2_b_384(pretrained: bool = False, **kwargs) -> LITv2:
     """LITv2-B fine-tuned at 384x384 (same weights layout as LITv2-B)."""
-    return _create_litv2("litv2_b_384", pretrained, **_variant(dict(
-        img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), alpha=0.9,
-        local_ws=(0, 0, 2, 1), drop_path_rate=0.5), kwargs))
+    return _create_litv2("litv2_b_384", pretrained, dict(_ARCH["b"], img_size=384), kwargs)
