@@ -101,14 +101,14 @@ class PlainLinearKernel(nn.Module):
         self.model = model
 
     def forward(self, x):
-        from litv2.models.layers import cpu_onednn
+        from litv2.models.layers import cpu_fast_paths
 
-        previous = cpu_onednn()
-        cpu_onednn(False)
+        previous = cpu_fast_paths()
+        cpu_fast_paths(False)
         try:
             return self.model(x)
         finally:
-            cpu_onednn(previous)
+            cpu_fast_paths(previous)
 
 
 def build_model(name: str, img_size: int) -> nn.Module:

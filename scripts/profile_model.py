@@ -79,12 +79,12 @@ def main(argv=None) -> dict:
 
     import timm
     import litv2  # noqa: F401  (registers the models)
-    from litv2.models.layers import cpu_onednn
+    from litv2.models.layers import cpu_fast_paths
     from litv2.profiling import count_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu_onednn(args.linear_kernel == "auto")
+    cpu_fast_paths(args.linear_kernel == "auto")
     kwargs = {}
     for item in filter(None, _split_kwargs(args.kwargs)):
         k, v = item.split("=", 1)

@@ -305,9 +305,9 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
         torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
 
 
-def test_cpu_onednn_kernels_compute_the_same_as_plain_ops():
+def test_cpu_fast_paths_kernels_compute_the_same_as_plain_ops():
     """oneDNN kernels (linear as 1x1 conv, fused dwconv+GELU) are a speed change only: outputs and grads."""
-    from litv2.models.layers import cpu_onednn
+    from litv2.models.layers import cpu_fast_paths
 
     torch.manual_seed(0)
     model = LITv2(**TINY).train()
@@ -315,13 +315,13 @@ def test_cpu_onednn_kernels_compute_the_same_as_plain_ops():
     results = []
     try:
         for enabled in (True, False):
-            cpu_onednn(enabled)
+            cpu_fast_paths(enabled)
             model.zero_grad()
             out = model(x)
             out.sum().backward()
             results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     finally:
-        cpu_onednn(True)
+        cpu_fast_paths(True)
     (out_conv, g_conv), (out_lin, g_lin) = results
     torch.testing.assert_close(out_conv, out_lin, atol=1e-4, rtol=0)
     for a, b in zip(g_conv, g_lin):
@@ -345,9 +345,9 @@ def test_cpu_autocast_bf16_forward_backward():
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_cpu_onednn_inference_matches_plain_ops_on_release_weights():
+def test_cpu_fast_paths_inference_matches_plain_ops_on_release_weights():
     """Inference path (fused dwconv+GELU, no autograd) against plain F.linear / conv / F.gelu."""
-    from litv2.models.layers import cpu_onednn
+    from litv2.models.layers import cpu_fast_paths
 
     kwargs = json.loads((FIXTURES / "tiny_a05_ws2.json").read_text())["constructor_kwargs"]
     model = LITv2(**kwargs).eval()
@@ -356,11 +356,70 @@ def test_cpu_onednn_inference_matches_plain_ops_on_release_weights():
     try:
         with torch.inference_mode():
             fast = model(x)
-            cpu_onednn(False)
+            cpu_fast_paths(False)
             plain = model(x)
     finally:
-        cpu_onednn(True)
+        cpu_fast_paths(True)
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+
+
+def test_deform_conv2d_split_runs_channel_groups_on_threads_and_matches_torchvision(monkeypatch):
+    """DTM at CPU inference: one deformable conv per input-channel group, each on a worker thread, summed."""
+    import threading
+
+    from torchvision.ops import deform_conv2d
+
+    from litv2.models import layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 12, 16).to(memory_format=torch.channels_last)
+    offset = 1.5 * torch.randn(2, 8, 6, 8)  # (dy, dx) per kernel point, well off the grid
+    weight, bias = torch.randn(7, 10, 2, 2), torch.randn(7)
+    ref = deform_conv2d(x, offset, weight, bias, stride=2)
+    threads_used = []
+
+    def recording(*args, **kwargs):
+        threads_used.append((threading.current_thread().name, args[0].shape[1]))
+        return deform_conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "deform_conv2d", recording)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # 10 channels -> groups of 3, 3, 4
+    try:
+        with torch.inference_mode():
+            out = layers.deform_conv2d_split(x, offset, weight, bias, 2, 0)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        assert sorted(c for _, c in threads_used) == [3, 3, 4]
+        assert all(name.startswith("litv2-dtm") for name, _ in threads_used)
+        threads_used.clear()
+        # with autograd (training) it is one plain call on this thread, and gradients flow
+        x.requires_grad_(True)
+        layers.deform_conv2d_split(x, offset, weight, bias, 2, 0).sum().backward()
+        assert [c for _, c in threads_used] == [10] and x.grad is not None
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpu_inference_runs_stage_blocks_in_chunks_with_unchanged_outputs(monkeypatch):
+    """Blocks are per-sample, so CPU inference runs the batch in chunks that keep the FFN map small."""
+    from litv2.models import layers
+
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    x = torch.randn(5, 3, 64, 64)
+    batches = []
+    model.layers[0].blocks[0].register_forward_hook(lambda m, inp, out: batches.append(inp[0].shape[0]))
+    with torch.inference_mode():
+        whole = model(x)
+        # stage 1 of TINY at 64x64: 16x16 map, widest = 64 FFN channels -> 64 KiB per sample
+        monkeypatch.setattr(layers._Flags, "chunk_bytes", 2 * 16 * 16 * 64 * 4)
+        chunked = model(x)
+    assert batches == [5, 2, 2, 1]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    # training (autograd) never chunks
+    batches.clear()
+    model(x).sum().backward()
+    assert batches == [5]
 
 
 def test_prune_intermediate_layers_keeps_requested_maps():

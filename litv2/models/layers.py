@@ -1,48 +1,77 @@
-"""Layers shared by HiLo and LITv2, and the CPU kernel choice they make.
+"""Layers shared by HiLo and LITv2, and the CPU fast paths they take.
 
-LITv2 keeps activations channels-last, ``(B, H, W, C)``. On CPU two of its layers then have faster
-oneDNN kernels than the default ones, computing the same sums (differences are float rounding):
+LITv2 keeps activations channels-last, ``(B, H, W, C)``. On CPU three of its operations then have
+faster kernels than the default ones, computing the same sums (differences are float rounding):
 
 * a linear layer over ``C`` is exactly a 1x1 convolution of the ``permute(0, 3, 1, 2)`` view, which
   PyTorch recognises as channels-last and runs with oneDNN without copying (output channels-last too,
   so permuting back is free). Where the BLAS behind ``addmm`` is slow (MKL's generic path on AMD EPYC,
   this project's CI machine) this is up to 2x faster for LITv2's shapes; elsewhere it is on par;
 * ConvFFN's depthwise 3x3 conv + exact GELU run as one oneDNN convolution with a GELU post-op at
-  inference (no autograd graph needed), saving a full pass over the widest activations.
+  inference (no autograd graph needed), saving a full pass over the widest activations;
+* torchvision's CPU ``deform_conv2d`` (DTM) samples its bilinear columns on one thread. At inference
+  the input channels are split into ``torch.get_num_threads()`` groups, each group's deformable conv
+  runs on its own thread (the op releases the GIL) and the partial outputs are summed: with one offset
+  group every input channel is sampled at the same positions, so the sum is the same convolution.
 
-``cpu_onednn(False)`` switches both off (plain ``F.linear`` / conv then ``F.gelu``), e.g. to compare.
-GPUs, tracing (fvcore, ONNX) and ``torch.compile`` (which fuses on its own) take the plain path.
+``cpu_fast_paths(False)`` switches all three off (plain ``F.linear`` / conv then ``F.gelu`` /
+one ``deform_conv2d`` call), e.g. to compare. GPUs, tracing (fvcore, ONNX) and ``torch.compile``
+(which fuses on its own) take the plain path.
 """
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import deform_conv2d
 
-__all__ = ["Linear", "cpu_onednn", "dwconv_gelu"]
+__all__ = ["Linear", "cpu_fast_paths", "deform_conv2d_split", "dwconv_gelu", "inference_chunk"]
 
 
 class _Flags:
-    cpu_onednn = True
+    cpu_fast_paths = True
+    chunk_bytes = 16 << 20
 
 
-def cpu_onednn(enabled: bool | None = None) -> bool:
-    """Get (or set) whether LITv2 layers use the oneDNN kernels described above on CPU."""
+def cpu_fast_paths(enabled: bool | None = None) -> bool:
+    """Get (or set) whether LITv2 layers take the CPU fast paths described above."""
     if enabled is not None:
-        _Flags.cpu_onednn = bool(enabled)
-    return _Flags.cpu_onednn
+        _Flags.cpu_fast_paths = bool(enabled)
+    return _Flags.cpu_fast_paths
 
 
-def _onednn_ok(x: torch.Tensor) -> bool:
-    return (_Flags.cpu_onednn and x.device.type == "cpu" and not torch.jit.is_tracing()
+def _fast_ok(x: torch.Tensor) -> bool:
+    return (_Flags.cpu_fast_paths and x.device.type == "cpu" and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling())
+
+
+def _no_grad_needed(*tensors: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def inference_chunk(x: torch.Tensor, widest_channels: int) -> int:
+    """Samples per chunk for running per-sample layers over ``x`` (B, H, W, C) at CPU inference.
+
+    Returns ``B`` (no chunking) unless the CPU fast paths apply and no gradient is needed; otherwise the
+    largest chunk whose widest activation (``H * W * widest_channels`` per sample) fits in
+    ``_Flags.chunk_bytes``, at least one sample.
+    """
+    B = x.shape[0]
+    if B < 2 or not _fast_ok(x) or not _no_grad_needed(x):
+        return B
+    per_sample = x.shape[1] * x.shape[2] * widest_channels * x.element_size()
+    return max(1, min(B, _Flags.chunk_bytes // max(per_sample, 1)))
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) that runs as a oneDNN 1x1 conv on CPU maps."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and _onednn_ok(x):
+        if x.dim() == 4 and _fast_ok(x):
             w = self.weight.view(self.out_features, self.in_features, 1, 1)
             return F.conv2d(x.permute(0, 3, 1, 2), w, self.bias).permute(0, 2, 3, 1)
         return F.linear(x, self.weight, self.bias)
@@ -53,11 +82,55 @@ _fused_conv = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwis
 
 def dwconv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``GELU(conv(x))`` for an NCHW (channels-last) ``x``; fused in oneDNN when no gradient is needed."""
-    if _fused_conv is not None and _onednn_ok(x) and not (torch.is_grad_enabled() and
-                                                          (x.requires_grad or conv.weight.requires_grad)):
+    if _fused_conv is not None and _fast_ok(x) and _no_grad_needed(x, conv.weight):
         try:
             return _fused_conv(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
                                list(conv.dilation), conv.groups, "gelu", [], "none")
         except RuntimeError:  # dtype/layout the fused kernel does not take: plain path below
             pass
     return F.gelu(conv(x))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool_in_child() -> None:  # a forked child has none of the parent's threads
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="litv2-dtm")
+        return _pool
+
+
+def _deform_conv2d_no_grad(x, offset, weight, bias, stride, padding):
+    with torch.no_grad():  # grad mode is thread-local: a worker thread starts with it on
+        return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
+
+
+def deform_conv2d_split(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        stride: int, padding: int) -> torch.Tensor:
+    """``torchvision.ops.deform_conv2d`` (one offset group); on CPU at inference, one thread per channel group."""
+    n = min(torch.get_num_threads(), x.shape[1])
+    if n < 2 or not _fast_ok(x) or not _no_grad_needed(x, offset, weight, bias) \
+            or offset.shape[1] != 2 * weight.shape[2] * weight.shape[3]:
+        return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
+    bounds = [x.shape[1] * i // n for i in range(n + 1)]
+    pool = _thread_pool(n)
+    futures = [pool.submit(_deform_conv2d_no_grad, x[:, a:b], offset, weight[:, a:b], None, stride, padding)
+               for a, b in zip(bounds[:-1], bounds[1:])]
+    out = futures[0].result()
+    for f in futures[1:]:
+        out.add_(f.result())
+    return out if bias is None else out.add_(bias.view(-1, 1, 1))

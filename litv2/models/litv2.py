@@ -11,7 +11,8 @@ Architecture (supplementary Table I; names match the authors' released checkpoin
 
 ConvFFN = fc1 -> 3x3 depthwise conv (zero padding, bias) -> GELU -> fc2; there is no positional
 encoding. DTM = 2x2/2 deformable conv (``torchvision.ops.deform_conv2d``, offsets from a plain
-2x2/2 conv initialised to zero) -> BatchNorm2d -> GELU.
+2x2/2 conv initialised to zero) -> BatchNorm2d -> GELU. (On CPU at inference the deformable conv
+runs one channel group per thread, see :func:`litv2.models.layers.deform_conv2d_split`.)
 
 Activations are channels-last ``(B, H, W, C)`` inside the stages. A 2-D conv on the
 ``permute(0, 3, 1, 2)`` view of such a tensor runs in PyTorch's channels-last memory format, so the
@@ -31,10 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torchvision.ops import deform_conv2d
-
 from .hilo import HiLo
-from .layers import Linear, dwconv_gelu
+from .layers import Linear, deform_conv2d_split, dwconv_gelu, inference_chunk
 
 __all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint",
            "load_filtered_state_dict"]
@@ -98,9 +97,9 @@ class DeformConv2d(nn.Module):
             # Bilinear sampling positions need fp32 (torchvision has no bf16/fp16 CPU kernel and casts
             # to fp32 under CUDA autocast too): run the deformable conv in fp32, as torchvision does.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(),
-                                     stride=self.stride, padding=self.padding)
-        return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding)
+                return deform_conv2d_split(x.float(), offset.float(), self.weight.float(), self.bias.float(),
+                                           self.stride, self.padding)
+        return deform_conv2d_split(x, offset, self.weight, self.bias, self.stride, self.padding)
 
 
 class DeformableTokenMerging(nn.Module):
@@ -157,8 +156,17 @@ class Stage(nn.Module):
             Block(dim, num_heads, window_size=window_size, drop_path=drop_path[i], block_idx=i, **block_kwargs)
             for i in range(depth)])
         self.downsample = DeformableTokenMerging(dim, dim_out) if downsample else None
+        self.widest = max([dim] + [b.mlp.fc1.out_features for b in self.blocks])
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        # Every block is per-sample (LayerNorm, attention, ConvFFN); at CPU inference the batch runs in
+        # chunks whose widest activation (the FFN hidden map) stays small, see ``inference_chunk``.
+        chunk = inference_chunk(x, self.widest) if self.blocks else x.shape[0]
+        if chunk < x.shape[0]:
+            return torch.cat([self._run_blocks(part) for part in x.split(chunk)])
+        return self._run_blocks(x)
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
                 x = checkpoint(blk, x, use_reentrant=False)
