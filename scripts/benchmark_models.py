@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    fmt, free_memory, machine_description, markdown_table, matmul_peak_gflops, median_rate, round_robin,
+    fmt, free_memory, keep_freed_memory, machine_description, markdown_table, matmul_peak_gflops, median_rate, round_robin,
 )
 
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU")
     p.add_argument("--max-seconds", type=float, default=None, help="stop the timing rounds after this long")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    p.add_argument("--malloc", choices=["default", "keep"], default="default",
+                   help="keep: glibc malloc keeps freed memory instead of unmapping big blocks (no page "
+                        "faults for large activations; applies to every model of the run)")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long check: 64x64 input, batch 2, 1 round, CPU, models " + ",".join(SMOKE_MODELS))
     p.add_argument("--out-dir", default="outputs/benchmark_models")
@@ -178,6 +181,8 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("--malloc keep needs glibc's malloc (mallopt), which this process does not have")
     cuda = torch.cuda.is_available()
     if args.devices == "auto":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -253,7 +258,7 @@ def main(argv=None) -> dict:
     peak_txt = ", ".join(f"{k.upper()} {peak_dtype[k]} matmul peak {v:.0f} GFLOP/s" for k, v in peak.items())
     cmd = "python scripts/benchmark_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"Model benchmark at {args.img_size}x{args.img_size}, round-robin over {len(models)} models, "
-              f"{args.rounds} round(s), median; {machine}" + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
+              f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}" + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
     md = header + "\n\n" + markdown_table(headers, table)
     if ref is not None and "cpu" in peak and isinstance(ref.get("cpu_img_s"), float):
         achieved = 2 * ref["gflops"] * ref["cpu_img_s"]

@@ -406,20 +406,58 @@ def test_cpu_inference_runs_stage_blocks_in_chunks_with_unchanged_outputs(monkey
 
     torch.manual_seed(0)
     model = LITv2(**TINY).eval()
-    x = torch.randn(5, 3, 64, 64)
+    x = torch.randn(7, 3, 64, 64)
     batches = []
     model.layers[0].blocks[0].register_forward_hook(lambda m, inp, out: batches.append(inp[0].shape[0]))
     with torch.inference_mode():
         whole = model(x)
         # stage 1 of TINY at 64x64: 16x16 map, widest = 64 FFN channels -> 64 KiB per sample
-        monkeypatch.setattr(layers._Flags, "chunk_bytes", 2 * 16 * 16 * 64 * 4)
+        monkeypatch.setattr(layers._Flags, "chunk_bytes", 3 * 16 * 16 * 64 * 4)
         chunked = model(x)
-    assert batches == [5, 2, 2, 1]
+    assert batches == [7, 3, 2, 2]  # whole batch at the default budget; then ceil(7 / 3) = 3 even chunks
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
     # training (autograd) never chunks
     batches.clear()
     model(x).sum().backward()
-    assert batches == [5]
+    assert batches == [7]
+
+
+def test_cached_onednn_weights_follow_optimizer_and_ema_updates():
+    """CPU inference caches oneDNN-blocked weights; every in-place update must be seen (no stale cache)."""
+    from timm.utils import ModelEmaV3
+
+    from litv2.models import layers
+
+    torch.manual_seed(0)
+    model = LITv2(**TINY)
+    ema = ModelEmaV3(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(2, 3, 64, 64)
+
+    def fast_and_plain(m):
+        m.eval()
+        try:
+            with torch.inference_mode():
+                fast = m(x)
+                layers.cpu_fast_paths(False)
+                plain = m(x)
+        finally:
+            layers.cpu_fast_paths(True)
+        return fast, plain
+
+    for _ in range(2):  # inference (fills the cache), optimizer step + EMA update, inference again
+        for m in (model, ema.module):
+            fast, plain = fast_and_plain(m)
+            torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+        assert model.layers[0].blocks[0].mlp.fc1 in layers._packed_weights
+        model.train()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        ema.update(model)
+    model.load_state_dict(LITv2(**TINY).state_dict())  # load_state_dict copies in place: cache refreshed
+    fast, plain = fast_and_plain(model)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
 def test_prune_intermediate_layers_keeps_requested_maps():

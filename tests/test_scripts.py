@@ -226,6 +226,33 @@ def test_spectrum_accumulator_algorithm_1_and_band_energy():
 
 # ---- benchmark_models --------------------------------------------------------------------------------------
 
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    """--malloc keep: a freed 64 MiB block is soon reused from the heap, not mapped and faulted in again."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(SCRIPTS)!r})
+from _bench_common import keep_freed_memory
+
+def faults_of_late_allocations():  # the heap settles after a few rounds of aligned 64 MiB blocks
+    counts = []
+    for i in range(16):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 << 20)  # 64 MiB, written once, freed at once
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sum(counts[-4:])
+
+default = faults_of_late_allocations()
+assert keep_freed_memory()
+print(default, faults_of_late_allocations())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default, kept = map(int, proc.stdout.split())
+    if default < 4 * 4000:  # 4 x 64 MiB of 4 KiB pages are 65536 faults; transparent huge pages need few
+        pytest.skip(f"large blocks fault in huge pages on this machine ({default} faults)")
+    assert kept < default / 10
+
+
 def test_benchmark_models_smoke(tmp_path, capsys):
     load_script("benchmark_models.py")["main"](["--smoke", "--models", "litv2_s,faster_vit_0_224", "--out-dir",
                                                 str(tmp_path)])

@@ -1,6 +1,6 @@
 """Layers shared by HiLo and LITv2, and the CPU fast paths they take.
 
-LITv2 keeps activations channels-last, ``(B, H, W, C)``. On CPU three of its operations then have
+LITv2 keeps activations channels-last, ``(B, H, W, C)``. On CPU some of its operations then have
 faster kernels than the default ones, computing the same sums (differences are float rounding):
 
 * a linear layer over ``C`` is exactly a 1x1 convolution of the ``permute(0, 3, 1, 2)`` view, which
@@ -9,12 +9,14 @@ faster kernels than the default ones, computing the same sums (differences are f
   this project's CI machine) this is up to 2x faster for LITv2's shapes; elsewhere it is on par;
 * ConvFFN's depthwise 3x3 conv + exact GELU run as one oneDNN convolution with a GELU post-op at
   inference (no autograd graph needed), saving a full pass over the widest activations;
+* at fp32 inference both take their weights in oneDNN's blocked layout, reordered once and cached
+  per module (a plain oneDNN conv reorders them on every call; that costs most at batch 1);
 * torchvision's CPU ``deform_conv2d`` (DTM) samples its bilinear columns on one thread. At inference
   the input channels are split into ``torch.get_num_threads()`` groups, each group's deformable conv
   runs on its own thread (the op releases the GIL) and the partial outputs are summed: with one offset
   group every input channel is sampled at the same positions, so the sum is the same convolution.
 
-``cpu_fast_paths(False)`` switches all three off (plain ``F.linear`` / conv then ``F.gelu`` /
+``cpu_fast_paths(False)`` switches all of them off (plain ``F.linear`` / conv then ``F.gelu`` /
 one ``deform_conv2d`` call), e.g. to compare. GPUs, tracing (fvcore, ONNX) and ``torch.compile``
 (which fuses on its own) take the plain path.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -67,28 +70,54 @@ def inference_chunk(x: torch.Tensor, widest_channels: int) -> int:
     return max(1, min(B, _Flags.chunk_bytes // max(per_sample, 1)))
 
 
+_fused_conv = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+_reorder_weight = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
+_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight key, packed)
+
+
+def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                    padding: list[int], groups: int, attr: str = "none") -> torch.Tensor | None:
+    """``attr(conv(x))`` (stride 1) with a cached oneDNN-blocked copy of ``weight``, or ``None``.
+
+    Only for fp32 CPU inference: no autograd, no autocast. The blocked copy is made once per module
+    and made again when the weight changes (an optimizer step or ``load_state_dict`` bumps the
+    tensor's version); a plain oneDNN conv reorders the weight on every call instead.
+    """
+    if (_fused_conv is None or _reorder_weight is None or not _fast_ok(x) or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or not _no_grad_needed(x, weight, bias)):
+        return None
+    key = (weight.data_ptr(), weight._version)
+    entry = _packed_weights.get(module)
+    try:
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                packed = _reorder_weight(weight.detach().to_mkldnn(), padding, [1, 1], [1, 1], groups,
+                                         list(x.shape))
+            entry = _packed_weights[module] = (key, packed)
+        return _fused_conv(x, entry[1], bias, padding, [1, 1], [1, 1], groups, attr, [], "none")
+    except RuntimeError:  # a layout or build the oneDNN op does not take: caller's plain path
+        return None
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) that runs as a oneDNN 1x1 conv on CPU maps."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and _fast_ok(x):
+            x = x.permute(0, 3, 1, 2)
             w = self.weight.view(self.out_features, self.in_features, 1, 1)
-            return F.conv2d(x.permute(0, 3, 1, 2), w, self.bias).permute(0, 2, 3, 1)
+            out = _inference_conv(x, self, w, self.bias, [0, 0], 1)
+            return (F.conv2d(x, w, self.bias) if out is None else out).permute(0, 2, 3, 1)
         return F.linear(x, self.weight, self.bias)
 
 
-_fused_conv = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-
-
 def dwconv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``GELU(conv(x))`` for an NCHW (channels-last) ``x``; fused in oneDNN when no gradient is needed."""
-    if _fused_conv is not None and _fast_ok(x) and _no_grad_needed(x, conv.weight):
-        try:
-            return _fused_conv(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
-                               list(conv.dilation), conv.groups, "gelu", [], "none")
-        except RuntimeError:  # dtype/layout the fused kernel does not take: plain path below
-            pass
-    return F.gelu(conv(x))
+    """``GELU(conv(x))`` for an NCHW (channels-last) ``x``; one oneDNN kernel when no gradient is needed."""
+    out = None
+    if conv.stride == (1, 1) and conv.dilation == (1, 1):
+        out = _inference_conv(x, conv, conv.weight, conv.bias, list(conv.padding), conv.groups, "gelu")
+    return F.gelu(conv(x)) if out is None else out
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -162,8 +162,8 @@ class Stage(nn.Module):
         # Every block is per-sample (LayerNorm, attention, ConvFFN); at CPU inference the batch runs in
         # chunks whose widest activation (the FFN hidden map) stays small, see ``inference_chunk``.
         chunk = inference_chunk(x, self.widest) if self.blocks else x.shape[0]
-        if chunk < x.shape[0]:
-            return torch.cat([self._run_blocks(part) for part in x.split(chunk)])
+        if chunk < x.shape[0]:  # equal chunks: ceil(B / chunk) of them
+            return torch.cat([self._run_blocks(part) for part in x.tensor_split(-(-x.shape[0] // chunk))])
         return self._run_blocks(x)
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
