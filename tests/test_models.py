@@ -364,7 +364,7 @@ def test_cpu_fast_paths_inference_matches_plain_ops_on_release_weights():
 
 
 def test_deform_conv2d_split_runs_channel_groups_on_threads_and_matches_torchvision(monkeypatch):
-    """DTM at CPU inference: one deformable conv per input-channel group, each on a worker thread, summed."""
+    """DTM on CPU: one deformable conv (and backward) per input-channel group, each on a worker thread."""
     import threading
 
     from torchvision.ops import deform_conv2d
@@ -375,27 +375,39 @@ def test_deform_conv2d_split_runs_channel_groups_on_threads_and_matches_torchvis
     x = torch.randn(2, 10, 12, 16).to(memory_format=torch.channels_last)
     offset = 1.5 * torch.randn(2, 8, 6, 8)  # (dy, dx) per kernel point, well off the grid
     weight, bias = torch.randn(7, 10, 2, 2), torch.randn(7)
-    ref = deform_conv2d(x, offset, weight, bias, stride=2)
-    threads_used = []
+    grad_out = torch.randn(2, 7, 6, 8)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+    ref = deform_conv2d(*leaves[:3], leaves[3], stride=2)
+    (ref * grad_out).sum().backward()
+    ref_grads = [t.grad for t in leaves]
+    calls = []
 
-    def recording(*args, **kwargs):
-        threads_used.append((threading.current_thread().name, args[0].shape[1]))
-        return deform_conv2d(*args, **kwargs)
+    def record(op, input_arg: int):  # log (thread, input channels) of each call
+        def wrapped(*args, **kwargs):
+            calls.append((threading.current_thread().name, args[input_arg].shape[1]))
+            return op(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(layers, "deform_conv2d", recording)
+    monkeypatch.setattr(layers, "deform_conv2d", record(deform_conv2d, 0))
     previous = torch.get_num_threads()
     torch.set_num_threads(3)  # 10 channels -> groups of 3, 3, 4
     try:
         with torch.inference_mode():
             out = layers.deform_conv2d_split(x, offset, weight, bias, 2, 0)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-        assert sorted(c for _, c in threads_used) == [3, 3, 4]
-        assert all(name.startswith("litv2-dtm") for name, _ in threads_used)
-        threads_used.clear()
-        # with autograd (training) it is one plain call on this thread, and gradients flow
-        x.requires_grad_(True)
-        layers.deform_conv2d_split(x, offset, weight, bias, 2, 0).sum().backward()
-        assert [c for _, c in threads_used] == [10] and x.grad is not None
+        torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=0)
+        assert sorted(c for _, c in calls) == [3, 3, 4]
+        assert all(thread.startswith("litv2-dtm") for thread, _ in calls)
+        # training: same split forward, torchvision's backward per group, gradients as torchvision's
+        calls.clear()
+        monkeypatch.setattr(torch.ops.torchvision, "_deform_conv2d_backward",
+                            record(torch.ops.torchvision._deform_conv2d_backward, 1), raising=False)
+        leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+        out = layers.deform_conv2d_split(*leaves, 2, 0)
+        (out * grad_out).sum().backward()
+        for got, want in zip([t.grad for t in leaves], ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        assert sorted(c for _, c in calls) == [3, 3, 3, 3, 4, 4]  # forward and backward per group
+        assert all(thread.startswith("litv2-dtm") for thread, _ in calls)
     finally:
         torch.set_num_threads(previous)
 

@@ -11,10 +11,11 @@ faster kernels than the default ones, computing the same sums (differences are f
   inference (no autograd graph needed), saving a full pass over the widest activations;
 * at fp32 inference both take their weights in oneDNN's blocked layout, reordered once and cached
   per module (a plain oneDNN conv reorders them on every call; that costs most at batch 1);
-* torchvision's CPU ``deform_conv2d`` (DTM) samples its bilinear columns on one thread. At inference
-  the input channels are split into ``torch.get_num_threads()`` groups, each group's deformable conv
-  runs on its own thread (the op releases the GIL) and the partial outputs are summed: with one offset
-  group every input channel is sampled at the same positions, so the sum is the same convolution.
+* torchvision's CPU ``deform_conv2d`` (DTM) samples its bilinear columns, and scatters their
+  gradients, on one thread. The input channels are split into ``torch.get_num_threads()`` groups,
+  each group's deformable conv (and in training its torchvision backward) runs on its own thread
+  (the ops release the GIL) and the partial outputs are summed: with one offset group every input
+  channel is sampled at the same positions, so the sum is the same convolution.
 
 ``cpu_fast_paths(False)`` switches all of them off (plain ``F.linear`` / conv then ``F.gelu`` /
 one ``deform_conv2d`` call), e.g. to compare. GPUs, tracing (fvcore, ONNX) and ``torch.compile``
@@ -143,23 +144,70 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _deform_conv2d_no_grad(x, offset, weight, bias, stride, padding):
-    with torch.no_grad():  # grad mode is thread-local: a worker thread starts with it on
-        return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
+def _in_threads(fn, x: torch.Tensor, n: int) -> list:
+    """``[fn(a, b) for each of n input-channel ranges (a, b) of x]``, one range per pool thread."""
+    bounds = [x.shape[1] * i // n for i in range(n + 1)]
+
+    def run(a: int, b: int):
+        with torch.no_grad():  # grad mode is thread-local: a worker thread starts with it on
+            return fn(a, b)
+
+    futures = [_thread_pool(n).submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [f.result() for f in futures]
+
+
+def _split_forward(x, offset, weight, bias, stride: int, padding: int, n: int) -> torch.Tensor:
+    parts = _in_threads(lambda a, b: deform_conv2d(x[:, a:b], offset, weight[:, a:b], None, stride=stride,
+                                                   padding=padding), x, n)
+    out = parts[0]
+    for part in parts[1:]:
+        out.add_(part)
+    return out if bias is None else out.add_(bias.view(-1, 1, 1))
+
+
+class _ChannelSplitDeformConv2d(torch.autograd.Function):
+    """Forward and backward of the channel-split deformable conv, each channel group on its own thread.
+
+    The backward is torchvision's own ``_deform_conv2d_backward`` per group: input and weight
+    gradients are the groups' slices, the offset gradient is the sum of the groups' contributions
+    (every channel is sampled at the same offsets) and the bias gradient is the output gradient's sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, offset, weight, bias, stride: int, padding: int, n: int):
+        ctx.save_for_backward(x, offset, weight)
+        ctx.stride, ctx.padding, ctx.n, ctx.has_bias = stride, padding, n, bias is not None
+        return _split_forward(x, offset, weight, bias, stride, padding, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, offset, weight = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        grad = grad.contiguous()
+        no_mask, zero_bias = x.new_zeros((x.shape[0], 1)), x.new_zeros(weight.shape[0])
+        backward = torch.ops.torchvision._deform_conv2d_backward
+        parts = _in_threads(lambda a, b: backward(grad, x[:, a:b], weight[:, a:b], offset, no_mask, zero_bias,
+                                                  s, s, p, p, 1, 1, 1, 1, False), x, ctx.n)
+        grad_x = torch.cat([r[0] for r in parts], 1) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.cat([r[1] for r in parts], 1) if ctx.needs_input_grad[2] else None
+        grad_offset = None
+        if ctx.needs_input_grad[1]:
+            grad_offset = parts[0][2]
+            for r in parts[1:]:
+                grad_offset = grad_offset + r[2]
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, grad_offset, grad_weight, grad_bias, None, None, None
 
 
 def deform_conv2d_split(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         stride: int, padding: int) -> torch.Tensor:
-    """``torchvision.ops.deform_conv2d`` (one offset group); on CPU at inference, one thread per channel group."""
+    """``torchvision.ops.deform_conv2d`` (one offset group); on CPU one thread per input-channel group.
+
+    Forward and, in training, backward are split (see :class:`_ChannelSplitDeformConv2d`).
+    """
     n = min(torch.get_num_threads(), x.shape[1])
-    if n < 2 or not _fast_ok(x) or not _no_grad_needed(x, offset, weight, bias) \
-            or offset.shape[1] != 2 * weight.shape[2] * weight.shape[3]:
+    if n < 2 or not _fast_ok(x) or offset.shape[1] != 2 * weight.shape[2] * weight.shape[3]:
         return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
-    bounds = [x.shape[1] * i // n for i in range(n + 1)]
-    pool = _thread_pool(n)
-    futures = [pool.submit(_deform_conv2d_no_grad, x[:, a:b], offset, weight[:, a:b], None, stride, padding)
-               for a, b in zip(bounds[:-1], bounds[1:])]
-    out = futures[0].result()
-    for f in futures[1:]:
-        out.add_(f.result())
-    return out if bias is None else out.add_(bias.view(-1, 1, 1))
+    if _no_grad_needed(x, offset, weight, bias):
+        return _split_forward(x, offset, weight, bias, stride, padding, n)
+    return _ChannelSplitDeformConv2d.apply(x, offset, weight, bias, stride, padding, n)
