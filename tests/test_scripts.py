@@ -269,3 +269,21 @@ def test_benchmark_models_smoke(tmp_path, capsys):
         assert r["gflops"] > 0 and r["cpu_img_s"] > 0 and 0 < r["cpu_pct_peak"]
     assert payload["matmul_peak_gflops"]["cpu"] > 0
     assert "| litv2_s | 27.8 |" in out and "% of the measured fp32 matmul peak" in out
+
+
+# ---- ablate_cpu_paths --------------------------------------------------------------------------------------
+
+def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path, capsys):
+    from litv2.models import layers
+
+    before = dict(vars(layers._Flags))
+    payload = load_script("ablate_cpu_paths.py")["main"](["--smoke", "--out-dir", str(tmp_path)])
+    assert dict(vars(layers._Flags)) == before
+    rates = payload["img_per_s"]
+    assert list(rates)[0] == "plain kernels" and list(rates)[-1].endswith("= default") and len(rates) == 5
+    assert all(r > 0 for r in rates.values())
+    out = capsys.readouterr().out
+    assert "| plain kernels |" in out and "| 1.00 |" in out
+    assert (tmp_path / "ablate_cpu_paths.md").read_text().startswith("litv2_s, CPU fp32 inference, batch 2")
+    with pytest.raises(SystemExit, match="must be a LITv2 model"):
+        load_script("ablate_cpu_paths.py")["main"](["--smoke", "--model", "resnet50", "--out-dir", str(tmp_path)])

@@ -37,8 +37,12 @@ __all__ = ["Linear", "cpu_fast_paths", "deform_conv2d_split", "dwconv_gelu", "in
 
 
 class _Flags:
-    cpu_fast_paths = True
-    chunk_bytes = 16 << 20
+    cpu_fast_paths = True  # the master switch
+    # the single paths, for ablations (scripts/ablate_cpu_paths.py); all need the master switch
+    onednn = True  # linear as 1x1 conv, fused dwconv+GELU
+    packed_weights = True
+    dtm_split = True
+    chunk_bytes = 16 << 20  # 0: no batch chunks
 
 
 def cpu_fast_paths(enabled: bool | None = None) -> bool:
@@ -65,7 +69,7 @@ def inference_chunk(x: torch.Tensor, widest_channels: int) -> int:
     ``_Flags.chunk_bytes``, at least one sample.
     """
     B = x.shape[0]
-    if B < 2 or not _fast_ok(x) or not _no_grad_needed(x):
+    if B < 2 or not _Flags.chunk_bytes or not _fast_ok(x) or not _no_grad_needed(x):
         return B
     per_sample = x.shape[1] * x.shape[2] * widest_channels * x.element_size()
     return max(1, min(B, _Flags.chunk_bytes // max(per_sample, 1)))
@@ -84,13 +88,16 @@ def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bi
     and made again when the weight changes (an optimizer step or ``load_state_dict`` bumps the
     tensor's version); a plain oneDNN conv reorders the weight on every call instead.
     """
-    if (_fused_conv is None or _reorder_weight is None or not _fast_ok(x) or x.dtype != torch.float32
+    if (_fused_conv is None or _reorder_weight is None or not _Flags.onednn or not _fast_ok(x)
+            or x.dtype != torch.float32
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or not _no_grad_needed(x, weight, bias)):
         return None
     key = (weight.data_ptr(), weight._version)
     entry = _packed_weights.get(module)
     try:
+        if not _Flags.packed_weights:
+            return _fused_conv(x, weight, bias, padding, [1, 1], [1, 1], groups, attr, [], "none")
         if entry is None or entry[0] != key:
             with torch.no_grad():
                 packed = _reorder_weight(weight.detach().to_mkldnn(), padding, [1, 1], [1, 1], groups,
@@ -105,7 +112,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) that runs as a oneDNN 1x1 conv on CPU maps."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and _fast_ok(x):
+        if x.dim() == 4 and _Flags.onednn and _fast_ok(x):
             x = x.permute(0, 3, 1, 2)
             w = self.weight.view(self.out_features, self.in_features, 1, 1)
             out = _inference_conv(x, self, w, self.bias, [0, 0], 1)
@@ -206,7 +213,7 @@ def deform_conv2d_split(x: torch.Tensor, offset: torch.Tensor, weight: torch.Ten
     Forward and, in training, backward are split (see :class:`_ChannelSplitDeformConv2d`).
     """
     n = min(torch.get_num_threads(), x.shape[1])
-    if n < 2 or not _fast_ok(x) or offset.shape[1] != 2 * weight.shape[2] * weight.shape[3]:
+    if n < 2 or not _Flags.dtm_split or not _fast_ok(x) or offset.shape[1] != 2 * weight.shape[2] * weight.shape[3]:
         return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
     if _no_grad_needed(x, offset, weight, bias):
         return _split_forward(x, offset, weight, bias, stride, padding, n)
