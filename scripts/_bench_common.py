@@ -106,6 +106,47 @@ def matmul_peak_gflops(device="cpu", n: int = 2048, dtype: torch.dtype = torch.f
     return 2 * n ** 3 / best / 1e9
 
 
+def add_cpu_options(parser) -> None:
+    """``--threads`` and ``--malloc`` for a benchmark script's CPU runs (see :func:`apply_cpu_options`)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
+    parser.add_argument("--malloc", choices=["default", "keep"], default="default",
+                        help="keep: glibc malloc keeps freed memory instead of unmapping big blocks (no page "
+                             "faults for large activations; applies to everything the run times)")
+
+
+def apply_cpu_options(args) -> None:
+    """Apply ``--threads`` / ``--malloc`` before anything is timed; one clear error if malloc cannot be kept."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("--malloc keep needs glibc's malloc (mallopt), which this process does not have")
+
+
+def inference_fn(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None = None) -> Callable:
+    """One timed inference call: ``model(x)`` under inference mode (and autocast when ``amp_dtype``)."""
+    def run():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(x)
+    return run
+
+
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None = None) -> Callable:
+    """One timed training step: forward, cross-entropy on random labels, backward, AdamW step."""
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        model.train()
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return run
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to serve every allocation from its heap and never give memory back.
 

@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import keep_freed_memory, machine_description, markdown_table, median_rate, round_robin  # noqa: E402
+from _bench_common import (  # noqa: E402
+    add_cpu_options, apply_cpu_options, inference_fn, machine_description, markdown_table, median_rate, round_robin,
+    train_step_fn,
+)
 
 # (label, settings of litv2.models.layers._Flags); each row adds one path to the previous one
 STEPS = (
@@ -42,9 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="time a training step instead of inference")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--malloc", choices=["default", "keep"], default="default",
-                   help="keep: glibc malloc keeps freed memory (see benchmark_models.py --malloc)")
+    add_cpu_options(p)
     p.add_argument("--smoke", action="store_true", help="64x64, batch 2, 1 round")
     p.add_argument("--out-dir", default="outputs/ablate_cpu_paths")
     args = p.parse_args(argv)
@@ -62,17 +63,13 @@ def main(argv=None) -> dict:
     import litv2  # noqa: F401  (registers the models)
     from litv2.models import layers
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.malloc == "keep" and not keep_freed_memory():
-        raise SystemExit("--malloc keep needs glibc's malloc (mallopt), which this process does not have")
+    apply_cpu_options(args)
     if not timm.is_model(args.model) or not args.model.startswith("litv2"):
         raise SystemExit(f"--model must be a LITv2 model (litv2_s, litv2_m, litv2_b, ...), got {args.model!r}")
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).train(args.train)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    target = torch.randint(0, model.num_classes, (args.batch_size,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05) if args.train else None
+    step = (train_step_fn if args.train else inference_fn)(model, x)
 
     default = {k: getattr(layers._Flags, k) for k in ("onednn", "dtm_split", "chunk_bytes", "packed_weights")}
     settings, current = {}, {}
@@ -84,14 +81,7 @@ def main(argv=None) -> dict:
         def run():
             for k, v in flags.items():
                 setattr(layers._Flags, k, v)
-            if args.train:
-                loss = torch.nn.functional.cross_entropy(model(x), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            else:
-                with torch.inference_mode():
-                    model(x)
+            step()
         return run
 
     try:

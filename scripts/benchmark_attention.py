@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    fmt, free_memory, is_oom, machine_description, markdown_table, median_rate, round_robin, sync,
+    add_cpu_options, apply_cpu_options, fmt, free_memory, is_oom, machine_description, markdown_table, median_rate, round_robin, sync,
 )
 
 from litv2.models.attentions import (  # noqa: E402
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (default fp32, like the paper)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
+    add_cpu_options(p)
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop timing rounds after this long; with --resolutions also the longest single pass "
                         "before a method is skipped at larger sizes")
@@ -393,8 +393,7 @@ def main(argv=None) -> dict:
         print("\n".join(f"{k}: {v[0]}" for k, v in methods.items()))
         return {}
     methods = select_methods(methods, args.methods)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_cpu_options(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = FIG3_RESOLUTIONS if args.resolutions == "fig3" else args.resolutions

@@ -33,7 +33,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    fmt, free_memory, keep_freed_memory, machine_description, markdown_table, matmul_peak_gflops, median_rate, round_robin,
+    add_cpu_options, apply_cpu_options, fmt, free_memory, inference_fn, machine_description, markdown_table,
+    matmul_peak_gflops, median_rate, round_robin, train_step_fn,
 )
 
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
@@ -63,12 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU")
     p.add_argument("--max-seconds", type=float, default=None, help="stop the timing rounds after this long")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
-    p.add_argument("--malloc", choices=["default", "keep"], default="default",
-                   help="keep: glibc malloc keeps freed memory instead of unmapping big blocks (no page "
-                        "faults for large activations; applies to every model of the run)")
+    add_cpu_options(p)
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long check: 64x64 input, batch 2, 1 round, CPU, models " + ",".join(SMOKE_MODELS))
     p.add_argument("--out-dir", default="outputs/benchmark_models")
@@ -137,29 +135,6 @@ def build_model(name: str, img_size: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
 
 
-def inference_fn(model: nn.Module, x: torch.Tensor, amp_dtype):
-    def run():
-        with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(x)
-    return run
-
-
-def train_step_fn(model: nn.Module, x: torch.Tensor, amp_dtype):
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def run():
-        model.train()
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-    return run
-
-
 def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args, amp_dtype, train: bool) -> dict:
     fns = {}
     for name, m in models.items():
@@ -179,10 +154,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from litv2.profiling import count_flops, count_params
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.malloc == "keep" and not keep_freed_memory():
-        raise SystemExit("--malloc keep needs glibc's malloc (mallopt), which this process does not have")
+    apply_cpu_options(args)
     cuda = torch.cuda.is_available()
     if args.devices == "auto":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -258,7 +230,8 @@ def main(argv=None) -> dict:
     peak_txt = ", ".join(f"{k.upper()} {peak_dtype[k]} matmul peak {v:.0f} GFLOP/s" for k, v in peak.items())
     cmd = "python scripts/benchmark_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"Model benchmark at {args.img_size}x{args.img_size}, round-robin over {len(models)} models, "
-              f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}" + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
+              f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}"
+              + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
     md = header + "\n\n" + markdown_table(headers, table)
     if ref is not None and "cpu" in peak and isinstance(ref.get("cpu_img_s"), float):
         achieved = 2 * ref["gflops"] * ref["cpu_img_s"]

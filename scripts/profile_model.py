@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import add_cpu_options, apply_cpu_options  # noqa: E402
 
 
 def _timer(device: torch.device):
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--train", action="store_true", help="profile forward + backward instead of inference")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    add_cpu_options(p)
     p.add_argument("--linear-kernel", choices=["auto", "addmm"], default="auto",
                    help="auto: LITv2 uses its oneDNN CPU kernels (litv2.models.layers); addmm: plain F.linear/conv/GELU")
     p.add_argument("--row-limit", type=int, default=15)
@@ -82,8 +84,7 @@ def main(argv=None) -> dict:
     from litv2.models.layers import cpu_fast_paths
     from litv2.profiling import count_flops
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_cpu_options(args)
     cpu_fast_paths(args.linear_kernel == "auto")
     kwargs = {}
     for item in filter(None, _split_kwargs(args.kwargs)):
