@@ -93,11 +93,11 @@ def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bi
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or not _no_grad_needed(x, weight, bias)):
         return None
-    key = (weight.data_ptr(), weight._version)
-    entry = _packed_weights.get(module)
     try:
         if not _Flags.packed_weights:
             return _fused_conv(x, weight, bias, padding, [1, 1], [1, 1], groups, attr, [], "none")
+        key = (weight.data_ptr(), weight._version)
+        entry = _packed_weights.get(module)
         if entry is None or entry[0] != key:
             with torch.no_grad():
                 packed = _reorder_weight(weight.detach().to_mkldnn(), padding, [1, 1], [1, 1], groups,
@@ -159,7 +159,8 @@ def _in_threads(fn, x: torch.Tensor, n: int) -> list:
         with torch.no_grad():  # grad mode is thread-local: a worker thread starts with it on
             return fn(a, b)
 
-    futures = [_thread_pool(n).submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    pool = _thread_pool(n)
+    futures = [pool.submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     return [f.result() for f in futures]
 
 

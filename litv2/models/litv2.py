@@ -161,7 +161,7 @@ class Stage(nn.Module):
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         # Every block is per-sample (LayerNorm, attention, ConvFFN); at CPU inference the batch runs in
         # chunks whose widest activation (the FFN hidden map) stays small, see ``inference_chunk``.
-        chunk = inference_chunk(x, self.widest) if self.blocks else x.shape[0]
+        chunk = inference_chunk(x, self.widest)
         if chunk < x.shape[0]:  # equal chunks: ceil(B / chunk) of them
             return torch.cat([self._run_blocks(part) for part in x.tensor_split(-(-x.shape[0] // chunk))])
         return self._run_blocks(x)
