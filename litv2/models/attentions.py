@@ -86,9 +86,14 @@ class MultiHeadSelfAttention(nn.Module):
         _check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.keys_values(k, v)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, heads, N, hd)`` the queries attend to: all positions here."""
+        return k, v
 
 
 class SpatialReductionAttention(nn.Module):
@@ -268,39 +273,34 @@ def LocallyGroupedAttention(dim: int, num_heads: int = 8, window_size: int = TWI
                            qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
 
 
-class LinformerAttention(nn.Module):
+class LinformerAttention(MultiHeadSelfAttention):
     """Linformer (Wang et al., 2020): keys and values projected along the sequence from ``seq_len`` to ``k``.
 
     One ``E`` and one ``F`` projection (``nn.Linear(seq_len, k, bias=False)``) shared by all heads, so the
-    layer only accepts maps with ``H * W == seq_len``.
+    layer only accepts maps with ``H * W == seq_len``. Everything else is :class:`MultiHeadSelfAttention`.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, seq_len: int = 196, k: int = 256, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.dim, self.num_heads, self.seq_len, self.k = dim, num_heads, seq_len, k
-        self.head_dim = _check_heads(dim, num_heads)
-        self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.seq_len, self.k = seq_len, k
         self.proj_k = nn.Linear(seq_len, k, bias=False)
         self.proj_v = nn.Linear(seq_len, k, bias=False)
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.num_heads}, seq_len={self.seq_len}, k={self.k}"
+        return f"{super().extra_repr()}, seq_len={self.seq_len}, k={self.k}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, type(self).__name__)
-        B, H, W, C = x.shape
-        if H * W != self.seq_len:
-            raise ValueError(f"LinformerAttention was built for seq_len={self.seq_len}, got a {H}x{W} map")
-        q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        k = self.proj_k(k.transpose(-2, -1)).transpose(-2, -1)  # (B, heads, k, hd)
-        v = self.proj_v(v.transpose(-2, -1)).transpose(-2, -1)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(x))
+        if x.shape[1] * x.shape[2] != self.seq_len:
+            raise ValueError(f"LinformerAttention was built for seq_len={self.seq_len}, "
+                             f"got a {x.shape[1]}x{x.shape[2]} map")
+        return super().forward(x)
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values projected along the sequence: ``(B, heads, seq_len, hd) -> (B, heads, k, hd)``."""
+        return (self.proj_k(k.transpose(-2, -1)).transpose(-2, -1),
+                self.proj_v(v.transpose(-2, -1)).transpose(-2, -1))
 
 
 def _orthogonal_random_features(num_features: int, dim: int, seed: int) -> torch.Tensor:
