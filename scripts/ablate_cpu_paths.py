@@ -1,5 +1,5 @@
 """What each of LITv2's CPU fast paths (litv2/models/layers.py) is worth: the paths switched on one by
-one, in the order they were added, all timed alternately in one run (round-robin, median).
+one, all timed alternately in one run (round-robin, median).
 
     python scripts/ablate_cpu_paths.py --model litv2_s --batch-size 16            # fp32 inference
     python scripts/ablate_cpu_paths.py --model litv2_s --batch-size 16 --train    # fwd + bwd + AdamW
@@ -7,7 +7,7 @@ one, in the order they were added, all timed alternately in one run (round-robin
 
 Rows (each adds to the one above): plain kernels (``F.linear``, conv then GELU, one
 ``deform_conv2d`` call); linear layers as oneDNN 1x1 convs and fused dwconv+GELU; DTM's deformable
-conv split by channel group over threads; stage blocks in batch chunks; cached oneDNN-blocked
+conv as ``grid_sample`` + a strided conv; stage blocks in batch chunks; cached oneDNN-blocked
 weights (= the default). Batch chunks and blocked weights are inference-only, so in ``--train`` their
 rows time the same work as the row above them.
 """
@@ -28,9 +28,9 @@ from _bench_common import (  # noqa: E402
 
 # (label, settings of litv2.models.layers._Flags); each row adds one path to the previous one
 STEPS = (
-    ("plain kernels", dict(onednn=False, dtm_split=False, chunk_bytes=0, packed_weights=False)),
+    ("plain kernels", dict(onednn=False, dtm_resample=False, chunk_bytes=0, packed_weights=False)),
     ("+ linear as oneDNN 1x1 conv, fused dwconv+GELU", dict(onednn=True)),
-    ("+ DTM split by channel group over threads", dict(dtm_split=True)),
+    ("+ DTM as bilinear resampling + strided conv", dict(dtm_resample=True)),
     ("+ stage blocks in batch chunks (inference)", dict(chunk_bytes=None)),
     ("+ cached oneDNN-blocked weights (inference) = default", dict(packed_weights=True)),
 )
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     step = (train_step_fn if args.train else inference_fn)(model, x)
 
-    default = {k: getattr(layers._Flags, k) for k in ("onednn", "dtm_split", "chunk_bytes", "packed_weights")}
+    default = {k: getattr(layers._Flags, k) for k in ("onednn", "dtm_resample", "chunk_bytes", "packed_weights")}
     settings, current = {}, {}
     for label, change in STEPS:
         current.update({k: default[k] if v is None else v for k, v in change.items()})

@@ -363,53 +363,85 @@ def test_cpu_fast_paths_inference_matches_plain_ops_on_release_weights():
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
 
 
-def test_deform_conv2d_split_runs_channel_groups_on_threads_and_matches_torchvision(monkeypatch):
-    """DTM on CPU: one deformable conv (and backward) per input-channel group, each on a worker thread."""
-    import threading
-
+def _torchvision_deform_conv2d_and_grads(x, offset, weight, bias, stride, padding, grad_out):
     from torchvision.ops import deform_conv2d
+    leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+    out = deform_conv2d(*leaves, stride=stride, padding=padding)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
 
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((2, 6, 12, 16), 2, 2, 0),  # DTM's 2x2/2
+    ((2, 5, 9, 7), 2, 2, 0),  # odd sides: the last row/column is not sampled by the grid
+    ((1, 4, 8, 10), 3, 1, 1),  # 3x3/1 with zero padding: taps outside the map
+    ((2, 3, 1, 6), 1, 1, 0),  # a one-pixel-high map
+])
+def test_deform_conv2d_resampled_is_torchvisions_deformable_conv(monkeypatch, shape, kernel, stride, padding):
+    """DTM on CPU: grid_sample + strided conv gives torchvision's outputs and all four gradients."""
     from litv2.models import layers
 
     torch.manual_seed(0)
-    x = torch.randn(2, 10, 12, 16).to(memory_format=torch.channels_last)
-    offset = 1.5 * torch.randn(2, 8, 6, 8)  # (dy, dx) per kernel point, well off the grid
-    weight, bias = torch.randn(7, 10, 2, 2), torch.randn(7)
-    grad_out = torch.randn(2, 7, 6, 8)
+    B, C, H, W = shape
+    Ho, Wo = (H + 2 * padding - kernel) // stride + 1, (W + 2 * padding - kernel) // stride + 1
+    x = torch.randn(shape, dtype=torch.float64)
+    offset = 2.5 * torch.randn(B, 2 * kernel * kernel, Ho, Wo, dtype=torch.float64)  # many taps off the map
+    weight, bias = torch.randn(7, C, kernel, kernel, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    grad_out = torch.randn(B, 7, Ho, Wo, dtype=torch.float64)
+    ref, ref_grads = _torchvision_deform_conv2d_and_grads(x, offset, weight, bias, stride, padding, grad_out)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("fell back to torchvision's deform_conv2d")
+
+    monkeypatch.setattr(layers, "deform_conv2d", not_called)
+    with torch.no_grad():
+        torch.testing.assert_close(layers.deform_conv2d_resampled(x, offset, weight, bias, stride, padding), ref,
+                                   atol=1e-10, rtol=0)
     leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
-    ref = deform_conv2d(*leaves[:3], leaves[3], stride=2)
-    (ref * grad_out).sum().backward()
-    ref_grads = [t.grad for t in leaves]
+    layers.deform_conv2d_resampled(*leaves, stride, padding).backward(grad_out)
+    for got, want in zip([t.grad for t in leaves], ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("H, W", [(56, 56), (28, 30)])
+def test_deform_conv2d_resampled_offset_gradient_at_zero_offsets_is_torchvisions(H, W):
+    """A fresh DTM samples whole pixels (offsets 0); fp32 gradients there must take torchvision's side.
+
+    At an integer position the offset gradient is a one-sided difference. Unpadded, ``grid_sample``'s
+    normalised coordinate comes back one float step below some integers and takes the other side.
+    """
+    from litv2.models import layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, H, W)
+    offset = torch.zeros(2, 8, H // 2, W // 2)
+    weight, bias = torch.randn(5, 8, 2, 2), torch.randn(5)
+    grad_out = torch.randn(2, 5, H // 2, W // 2)
+    ref, ref_grads = _torchvision_deform_conv2d_and_grads(x, offset, weight, bias, 2, 0, grad_out)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+    out = layers.deform_conv2d_resampled(*leaves, 2, 0)
+    out.backward(grad_out)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=0)
+    for got, want in zip([t.grad for t in leaves], ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_deform_conv2d_resampled_takes_torchvision_when_switched_off(monkeypatch):
+    from torchvision.ops import deform_conv2d
+
+    from litv2.models import layers
+    from litv2.models.layers import cpu_fast_paths
+
     calls = []
-
-    def record(op, input_arg: int):  # log (thread, input channels) of each call
-        def wrapped(*args, **kwargs):
-            calls.append((threading.current_thread().name, args[input_arg].shape[1]))
-            return op(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(layers, "deform_conv2d", record(deform_conv2d, 0))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(3)  # 10 channels -> groups of 3, 3, 4
+    monkeypatch.setattr(layers, "deform_conv2d", lambda *a, **k: calls.append(1) or deform_conv2d(*a, **k))
+    x, offset, weight = torch.randn(1, 4, 6, 6), torch.randn(1, 8, 3, 3), torch.randn(3, 4, 2, 2)
     try:
-        with torch.inference_mode():
-            out = layers.deform_conv2d_split(x, offset, weight, bias, 2, 0)
-        torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=0)
-        assert sorted(c for _, c in calls) == [3, 3, 4]
-        assert all(thread.startswith("litv2-dtm") for thread, _ in calls)
-        # training: same split forward, torchvision's backward per group, gradients as torchvision's
-        calls.clear()
-        monkeypatch.setattr(torch.ops.torchvision, "_deform_conv2d_backward",
-                            record(torch.ops.torchvision._deform_conv2d_backward, 1), raising=False)
-        leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
-        out = layers.deform_conv2d_split(*leaves, 2, 0)
-        (out * grad_out).sum().backward()
-        for got, want in zip([t.grad for t in leaves], ref_grads):
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-        assert sorted(c for _, c in calls) == [3, 3, 3, 3, 4, 4]  # forward and backward per group
-        assert all(thread.startswith("litv2-dtm") for thread, _ in calls)
+        cpu_fast_paths(False)
+        layers.deform_conv2d_resampled(x, offset, weight, None, 2, 0)
     finally:
-        torch.set_num_threads(previous)
+        cpu_fast_paths(True)
+    layers.deform_conv2d_resampled(x, offset, weight, None, 2, 0)
+    assert calls == [1]
 
 
 def test_cpu_inference_runs_stage_blocks_in_chunks_with_unchanged_outputs(monkeypatch):
