@@ -77,8 +77,9 @@ _packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # modu
 
 
 def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
-                    padding: list[int], groups: int, attr: str = "none") -> torch.Tensor | None:
-    """``attr(conv(x))`` (stride 1) with a cached oneDNN-blocked copy of ``weight``, or ``None``.
+                    padding: list[int], groups: int, attr: str = "none",
+                    stride: list[int] = (1, 1)) -> torch.Tensor | None:
+    """``attr(conv(x))`` with a cached oneDNN-blocked copy of ``weight``, or ``None``.
 
     Only for fp32 CPU inference: no autograd, no autocast. The blocked copy is made once per module
     and made again when the weight changes (an optimizer step or ``load_state_dict`` bumps the
@@ -91,15 +92,15 @@ def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bi
         return None
     try:
         if not _Flags.packed_weights:
-            return _fused_conv(x, weight, bias, padding, [1, 1], [1, 1], groups, attr, [], "none")
+            return _fused_conv(x, weight, bias, padding, stride, [1, 1], groups, attr, [], "none")
         key = (weight.data_ptr(), weight._version)
         entry = _packed_weights.get(module)
         if entry is None or entry[0] != key:
             with torch.no_grad():
-                packed = _reorder_weight(weight.detach().to_mkldnn(), padding, [1, 1], [1, 1], groups,
+                packed = _reorder_weight(weight.detach().to_mkldnn(), padding, stride, [1, 1], groups,
                                          list(x.shape))
             entry = _packed_weights[module] = (key, packed)
-        return _fused_conv(x, entry[1], bias, padding, [1, 1], [1, 1], groups, attr, [], "none")
+        return _fused_conv(x, entry[1], bias, padding, stride, [1, 1], groups, attr, [], "none")
     except RuntimeError:  # a layout or build the oneDNN op does not take: caller's plain path
         return None
 
@@ -144,7 +145,7 @@ def _sampling_grid(offset: torch.Tensor, kh: int, kw: int, stride: int, padding:
 
 
 def deform_conv2d_resampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            stride: int, padding: int) -> torch.Tensor:
+                            stride: int, padding: int, module: nn.Module | None = None) -> torch.Tensor:
     """``torchvision.ops.deform_conv2d`` (one offset group, no mask, dilation 1); on CPU as resample + conv.
 
     A deformable conv is a plain convolution of the bilinearly resampled input: sample every tap's point
@@ -158,6 +159,7 @@ def deform_conv2d_resampled(x: torch.Tensor, offset: torch.Tensor, weight: torch
     through ``grid_sample``'s normalised coordinates exactly, and the offset gradient there is the same
     one-sided difference torchvision takes. Without padding a position may come back one float step
     below the integer, which changes a value by float rounding only but the slope to the left neighbour.
+    With ``module`` (the owner of ``weight``) the strided conv takes the cached blocked weight at inference.
     """
     kh, kw = weight.shape[-2:]
     if (not _Flags.dtm_resample or not _fast_ok(x) or x.dim() != 4 or offset.shape[1] != 2 * kh * kw
@@ -170,5 +172,7 @@ def deform_conv2d_resampled(x: torch.Tensor, offset: torch.Tensor, weight: torch
         x = F.pad(x, (0, size_w - W, 0, size_h - H))
     grid = _sampling_grid(offset, kh, kw, stride, padding, size_h, size_w)
     sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # a channels-last weight makes oneDNN write a channels-last output, the layout the blocks use next
-    return F.conv2d(sampled, weight.contiguous(memory_format=torch.channels_last), bias, stride=(kh, kw))
+    out = None if module is None else _inference_conv(sampled, module, weight, bias, [0, 0], 1, stride=[kh, kw])
+    if out is None:  # a channels-last weight makes oneDNN write a channels-last output, as the blocks want
+        out = F.conv2d(sampled, weight.contiguous(memory_format=torch.channels_last), bias, stride=(kh, kw))
+    return out

@@ -99,7 +99,7 @@ class DeformConv2d(nn.Module):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return deform_conv2d_resampled(x.float(), offset.float(), self.weight.float(), self.bias.float(),
                                            self.stride, self.padding)
-        return deform_conv2d_resampled(x, offset, self.weight, self.bias, self.stride, self.padding)
+        return deform_conv2d_resampled(x, offset, self.weight, self.bias, self.stride, self.padding, self)
 
 
 class DeformableTokenMerging(nn.Module):
