@@ -305,6 +305,24 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
         torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
 
 
+def test_activations_stay_channels_last_from_patch_embedding_to_the_head():
+    """Every conv writes channels-last, so the (B, H, W, C) maps between layers need no layout copy."""
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]  # patch embed, DTM offsets
+    outputs = []
+    for conv in convs:
+        conv.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+    dtm_outputs = []
+    for stage in model.layers:
+        if getattr(stage, "downsample", None) is not None:
+            stage.downsample.register_forward_hook(lambda mod, inp, out: dtm_outputs.append(out))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))  # an NCHW batch, as loaders give it
+    assert outputs and all(o.is_contiguous(memory_format=torch.channels_last) for o in outputs)
+    assert dtm_outputs and all(o.is_contiguous() for o in dtm_outputs)  # (B, H, W, C)
+
+
 def test_cpu_fast_paths_kernels_compute_the_same_as_plain_ops():
     """oneDNN kernels (linear as 1x1 conv, fused dwconv+GELU) are a speed change only: outputs and grads."""
     from litv2.models.layers import cpu_fast_paths

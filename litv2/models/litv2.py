@@ -387,7 +387,11 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        # From a channels-last input the conv writes a channels-last output, so the (B, H, W, C) view
+        # LayerNorm reads is contiguous; from NCHW, LayerNorm first copies the permuted map element by
+        # element (on CPU 5x the time of the conv and the norm together at batch 16).
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return self.norm(x.permute(0, 2, 3, 1))
 
 
 # ---- released checkpoints -----------------------------------------------------------------------
