@@ -17,6 +17,7 @@ Examples::
     python scripts/benchmark_models.py                                   # default set, CPU (+ GPU if present)
     python scripts/benchmark_models.py --models default,large --train    # + Swin-S/B, ConvNeXt-S/B, ...
     python scripts/benchmark_models.py --models litv2_s,resnet50 --threads 2 --rounds 7
+    python scripts/benchmark_models.py --channels-last --malloc keep   # every model in its fastest CPU setting
     python scripts/benchmark_models.py --smoke                           # seconds, tiny input, 1 round
 """
 from __future__ import annotations
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=None, help="stop the timing rounds after this long")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every model's conv weights and the input batch in channels-last memory format (timm's "
+                        "benchmark option; convnets' fastest CPU/GPU layout, LITv2 is channels-last inside anyway)")
     add_cpu_options(p)
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long check: 64x64 input, batch 2, 1 round, CPU, models " + ",".join(SMOKE_MODELS))
@@ -137,9 +141,10 @@ def build_model(name: str, img_size: int) -> nn.Module:
 
 def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args, amp_dtype, train: bool) -> dict:
     fns = {}
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     for name, m in models.items():
-        m.to(device)
-        x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+        m.to(device, memory_format=layout)
+        x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=layout)
         fns[name] = (train_step_fn if train else inference_fn)(m, x, amp_dtype)
     times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds)
     out = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
@@ -231,6 +236,7 @@ def main(argv=None) -> dict:
     cmd = "python scripts/benchmark_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"Model benchmark at {args.img_size}x{args.img_size}, round-robin over {len(models)} models, "
               f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}"
+              + ("; channels-last" if args.channels_last else "")
               + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
     md = header + "\n\n" + markdown_table(headers, table)
     if ref is not None and "cpu" in peak and isinstance(ref.get("cpu_img_s"), float):

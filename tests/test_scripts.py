@@ -271,6 +271,28 @@ def test_benchmark_models_smoke(tmp_path, capsys):
     assert "| litv2_s | 27.8 |" in out and "% of the measured fp32 matmul peak" in out
 
 
+def test_benchmark_models_channels_last_gives_every_model_channels_last_weights_and_input(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import timm
+
+    create, seen = timm.create_model, []
+
+    def create_and_watch(name, *args, **kwargs):
+        model = create(name, *args, **kwargs)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        model.register_forward_pre_hook(lambda mod, inputs: seen.append(
+            (name, inputs[0].is_contiguous(memory_format=torch.channels_last),
+             conv.weight.is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(timm, "create_model", create_and_watch)
+    load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--channels-last", "--models",
+                                                "litv2_s,resnet18", "--out-dir", str(tmp_path)])
+    timed = {name: (x_cl, w_cl) for name, x_cl, w_cl in seen}  # the last call of each: a timed one
+    assert timed == {"litv2_s": (True, True), "resnet18": (True, True)}  # (FLOP counting runs before, in NCHW)
+    assert "; channels-last" in capsys.readouterr().out
+
+
 # ---- ablate_cpu_paths --------------------------------------------------------------------------------------
 
 def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path, capsys):
