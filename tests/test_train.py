@@ -76,8 +76,7 @@ def test_every_experiment_preset_runs_a_step(experiment, digits, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_accumulation_train(precision, digits, tmp_path):
-    """autocast (+ GradScaler for fp16), gradient accumulation, channels-last; a timm model (CPU autocast lacks
-    torchvision's deform_conv2d used by the LITv2 DTM, which runs in fp16/bf16 on GPUs only)."""
+    """autocast (+ GradScaler for fp16), gradient accumulation, channels-last, on a timm model."""
     summary = train_in_process(["data=digits", "aug=none", "model=timm", "model.name=resnet10t", f"data.root={digits}",
                                 f"trainer.precision={precision}", "trainer.accum_steps=2", "data.batch_size=8",
                                 "trainer.channels_last=true",
@@ -104,6 +103,16 @@ def test_compiled_training_matches_eager_and_saves_a_plain_state_dict(digits, tm
     assert list(compiled["model"]) == list(eager["model"])
     for name, value in eager["model"].items():  # two AdamW steps from the same start: same weights
         torch.testing.assert_close(compiled["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_litv2_trains_under_cpu_bf16_autocast(digits, tmp_path):
+    """LITv2 under bf16 autocast: the DTM's deformable conv runs in fp32 inside it, the rest in bf16."""
+    summary = train_in_process(["data=digits", "aug=none", f"data.root={digits}", "data.img_size=32",
+                                "data.batch_size=8", "trainer.max_steps=2", "trainer.precision=bf16", *TINY_LITV2,
+                                *FAST], tmp_path)
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    state = load_state(tmp_path / "last.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_litv2_s_full_size_on_synthetic_data(tmp_path):
