@@ -91,8 +91,17 @@ def test_compiled_training_matches_eager_and_saves_a_plain_state_dict(digits, tm
     checkpoint holds the model's own parameter names (no ``_orig_mod.``), loadable into a fresh model."""
     common = ["data=digits", "aug=none", f"data.root={digits}", "data.img_size=32", "data.batch_size=8",
               "trainer.max_steps=2", "trainer.precision=fp32", "trainer.ema.enabled=false", *TINY_LITV2, *FAST]
-    compiled_modules = []
+    from litv2.models import LITv2
+
     compile_ = torch.compile
+    # Dynamo has seen LITv2's forward at another image size (as after evaluating at another resolution
+    # in the same process): a default torch.compile would now trace symbolic sizes, which inductor
+    # fails to lower for LITv2 ("cannot determine truth value of Relational").
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compile_(LITv2(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=10))(
+            torch.randn(2, 3, 64, 64))
+    compiled_modules = []
     monkeypatch.setattr(torch, "compile",
                         lambda model, *a, **k: compiled_modules.append(model) or compile_(model, *a, **k))
     train_in_process([*common, "trainer.compile=false"], tmp_path / "eager")

@@ -151,7 +151,9 @@ def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
-        train_model = torch.compile(train_model)
+        # Static shapes: a new input shape compiles a new graph instead of switching to symbolic sizes;
+        # with a symbolic image size inductor fails to lower LITv2 ("cannot determine truth value").
+        train_model = torch.compile(train_model, dynamic=False)
 
     # ---- resume ------------------------------------------------------------------------------------
     progress = Progress()
