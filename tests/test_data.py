@@ -91,3 +91,34 @@ def test_prepare_imagenet_val_sorts_a_flat_folder(tmp_path):
     assert sorted(p.name for p in (val / "n01440764").iterdir()) == ["ILSVRC2012_val_00000001.JPEG",
                                                                       "ILSVRC2012_val_00000003.JPEG"]
     assert (val / "n01443537" / "ILSVRC2012_val_00000002.JPEG").exists()
+
+
+def test_prepare_imagenet_val_from_the_devkit(tmp_path):
+    """--devkit: ground-truth ILSVRC2012_IDs in file order, mapped to WordNet ids through meta.mat."""
+    import numpy as np
+    from scipy.io import savemat
+
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    (devkit / "data").mkdir(parents=True)
+    # meta.mat holds a 'synsets' struct array; IDs above 1000 are the non-leaf synsets, never in the ground truth
+    synsets = np.array([(1, "n01440764", 1300), (2, "n01443537", 1300), (1001, "n00001740", 0)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_train_images", "O")])
+    savemat(devkit / "data" / "meta.mat", {"synsets": synsets})
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n2\n")
+    val = tmp_path / "val"
+    val.mkdir()
+    names = [f"ILSVRC2012_val_0000000{i}.JPEG" for i in (3, 1, 2)]  # created out of order: the tool sorts
+    for name in names:
+        Image.new("RGB", (8, 8)).save(val / name, format="JPEG")
+    tool = [sys.executable, str(ROOT / "data" / "prepare_imagenet_val.py"), str(val), "--devkit", str(devkit)]
+    out = subprocess.run(tool + ["--copy"], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert "sorted 3 images into 2 class folders" in out.stdout
+    assert sorted(p.name for p in (val / "n01443537").iterdir()) == ["ILSVRC2012_val_00000001.JPEG",
+                                                                      "ILSVRC2012_val_00000003.JPEG"]
+    assert [p.name for p in (val / "n01440764").iterdir()] == ["ILSVRC2012_val_00000002.JPEG"]
+    assert (val / names[0]).exists()  # --copy keeps the originals
+
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n")
+    short = subprocess.run(tool, capture_output=True, text=True, env=ENV)
+    assert short.returncode == 1 and "the ground truth lists 2 images but the folder has 3" in short.stderr
