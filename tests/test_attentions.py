@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from litv2.models.attentions import (
-    ATTENTION_CHOICES, LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention, PerformerAttention,
-    SpatialReductionAttention, TokenAttention, WindowAttention, create_attention,
+    ATTENTION_CHOICES, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention,
+    PerformerAttention, RecursiveGatedConv, SpatialReductionAttention, TokenAttention, WindowAttention,
+    create_attention,
 )
 
 DIM, HEADS = 48, 6
@@ -251,6 +252,39 @@ def test_linformer_and_xca_shapes():
         y.sum().backward()
 
 
+def _conv1x1(x, linear):  # an NCHW 1x1 conv with a Linear's weights
+    return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
+
+
+def test_large_kernel_attention_is_vans_spatial_attention():
+    """VAN's layer written on NCHW maps as in its paper: shortcut + proj_2(u * conv1(dw7d3(dw5(u))))."""
+    torch.manual_seed(0)
+    m = LargeKernelAttention(16).eval()
+    x = torch.randn(2, 9, 11, 16)
+    nchw = x.permute(0, 3, 1, 2)
+    u = F.gelu(_conv1x1(nchw, m.proj_1))
+    attn = _conv1x1(F.conv2d(F.conv2d(u, m.conv0.weight, m.conv0.bias, padding=2, groups=16),
+                             m.conv_spatial.weight, m.conv_spatial.bias, padding=9, dilation=3, groups=16), m.conv1)
+    ref = nchw + _conv1x1(u * attn, m.proj_2)
+    torch.testing.assert_close(m(x), ref.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_recursive_gated_conv_is_hornets_gnconv():
+    """HorNet's gnConv of order 3 on NCHW maps: p0 * q0 -> pw -> * q1 -> pw -> * q2 -> proj_out."""
+    torch.manual_seed(0)
+    m = RecursiveGatedConv(16, order=3, scale=0.5).eval()
+    assert m.dims == [4, 8, 16]
+    x = torch.randn(2, 6, 7, 16)
+    fused = _conv1x1(x.permute(0, 3, 1, 2), m.proj_in)
+    p, q = fused[:, :4], fused[:, 4:]
+    g = F.conv2d(q, m.dwconv.weight, m.dwconv.bias, padding=3, groups=28) * 0.5
+    q0, q1, q2 = g[:, :4], g[:, 4:12], g[:, 12:]
+    y = _conv1x1(_conv1x1(p * q0, m.pws[0]) * q1, m.pws[1]) * q2
+    torch.testing.assert_close(m(x), _conv1x1(y, m.proj_out).permute(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="order 4 needs dim divisible by 8"):
+        RecursiveGatedConv(12, order=4)
+
+
 # ---- FLOPs / params: supplementary Table IV ------------------------------------------------------------
 
 TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 heads
@@ -260,6 +294,8 @@ TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 
     "Shifted Window": (lambda: WindowAttention(768, 12, 7, 3), 2.36, 477.2),
     "Linformer": (lambda: LinformerAttention(768, 12, seq_len=196, k=256), 2.46, 616.6),
     "Performer": (lambda: PerformerAttention(768, 12, num_features=256), 2.36, 617.2),
+    "VAN": (lambda: LargeKernelAttention(768), 1.83, 358.0),
+    "HorNet": (lambda: RecursiveGatedConv(768, order=4), 2.23, 436.5),
 }
 
 

@@ -26,8 +26,10 @@ Ablation choices (``create_attention``), each with its own family's settings, no
 
 Extra single-layer baselines for ``scripts/benchmark_attention.py``: :class:`LinformerAttention`
 (Wang et al. 2020, shared-across-heads E/F projections to ``k = 256``), :class:`PerformerAttention`
-(Choromanski et al. 2021, FAVOR+ positive orthogonal random features, ``m = 256``) and
-:class:`TokenAttention` that adapts a token-sequence attention such as timm's XCiT ``XCA``.
+(Choromanski et al. 2021, FAVOR+ positive orthogonal random features, ``m = 256``),
+:class:`LargeKernelAttention` (VAN's spatial attention, Guo et al. 2022), :class:`RecursiveGatedConv`
+(HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale) and :class:`TokenAttention` that adapts a
+token-sequence attention such as timm's XCiT ``XCA``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ __all__ = [
     "ATTENTION_CHOICES", "PVT_SR_RATIOS", "SWIN_WINDOW", "TWINS_WINDOW",
     "MultiHeadSelfAttention", "SpatialReductionAttention", "WindowAttention",
     "LocallyGroupedAttention", "GlobalSubsampledAttention",
-    "LinformerAttention", "PerformerAttention", "TokenAttention",
+    "LinformerAttention", "PerformerAttention", "LargeKernelAttention", "RecursiveGatedConv", "TokenAttention",
     "create_attention",
 ]
 
@@ -350,6 +352,69 @@ class PerformerAttention(nn.Module):
         x = torch.einsum("bhnm,bhmd->bhnd", q, kv) / denom.unsqueeze(-1)
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
+
+
+def _depthwise(dim: int, kernel: int, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(dim, dim, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=dim)
+
+
+class LargeKernelAttention(nn.Module):
+    """VAN's spatial attention (Guo et al., 2022): ``x + proj_2(LKA(GELU(proj_1(x))))``.
+
+    LKA (large kernel attention) gates its input ``u`` by a decomposed 21x21 convolution:
+    ``u * conv1(dw7x7_dilation3(dw5x5(u)))``. The 1x1 convolutions are :class:`Linear` layers over the
+    channels of the ``(B, H, W, C)`` map (the same parameters); the depthwise ones take its NCHW view.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 1):  # no heads; the argument keeps the common signature
+        super().__init__()
+        self.dim = dim
+        self.proj_1 = Linear(dim, dim)
+        self.act = nn.GELU()
+        self.conv0 = _depthwise(dim, 5)
+        self.conv_spatial = _depthwise(dim, 7, dilation=3)
+        self.conv1 = Linear(dim, dim)
+        self.proj_2 = Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        u = self.act(self.proj_1(x))
+        attn = self.conv_spatial(self.conv0(u.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        return x + self.proj_2(u * self.conv1(attn))
+
+
+class RecursiveGatedConv(nn.Module):
+    """HorNet's gnConv (Rao et al., 2022): recursive gated convolution of order ``order``.
+
+    ``proj_in`` doubles the channels into ``p0`` (``dim / 2**(order-1)`` channels) and ``q`` (the sum of
+    ``dim / 2**(order-1-k)``, k = 0..order-1), a 7x7 depthwise conv (times ``scale``) splits ``q`` into
+    gates ``q_0 .. q_{order-1}``; then ``p_{k+1} = pw_k(p_k) * q_{k+1}`` with ``p_0 = p0 * q_0`` and the
+    output is ``proj_out(p_{order-1})``. HorNet uses orders 2, 3, 4, 5 in its four stages (4 at 1/16
+    scale) and ``scale = 1/3``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 1, order: int = 4, scale: float = 1.0 / 3.0):
+        super().__init__()
+        if order < 1 or dim % 2 ** (order - 1):
+            raise ValueError(f"gnConv order {order} needs dim divisible by {2 ** (order - 1)}, got {dim}")
+        self.dim, self.order, self.scale = dim, order, scale
+        self.dims = [dim // 2 ** k for k in reversed(range(order))]
+        self.proj_in = Linear(dim, 2 * dim)
+        self.dwconv = _depthwise(sum(self.dims), 7)
+        self.pws = nn.ModuleList(Linear(self.dims[k], self.dims[k + 1]) for k in range(order - 1))
+        self.proj_out = Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, order={self.order}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        p, q = self.proj_in(x).split((self.dims[0], sum(self.dims)), dim=-1)
+        gates = (self.dwconv(q.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) * self.scale).split(self.dims, dim=-1)
+        p = p * gates[0]
+        for pw, gate in zip(self.pws, gates[1:]):
+            p = pw(p) * gate
+        return self.proj_out(p)
 
 
 class TokenAttention(nn.Module):
