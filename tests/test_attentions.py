@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from litv2.models.attentions import (
-    ATTENTION_CHOICES, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention,
-    PerformerAttention, RecursiveGatedConv, SpatialReductionAttention, TokenAttention, WindowAttention,
-    create_attention,
+    ATTENTION_CHOICES, CrossShapedWindowAttention, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention,
+    MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv, SpatialReductionAttention, TokenAttention,
+    WindowAttention, create_attention,
 )
 
 DIM, HEADS = 48, 6
@@ -256,6 +256,37 @@ def _conv1x1(x, linear):  # an NCHW 1x1 conv with a Linear's weights
     return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
 
 
+def _cswin_stripe_by_stripe(m, x):
+    """CSWin written stripe by stripe over the real tokens only (the last stripes are shorter)."""
+    B, H, W, C = x.shape
+    h, nh, hd, s = C // 2, m.num_heads // 2, m.head_dim, m.split_size
+    qkv = F.linear(x, m.qkv.weight, m.qkv.bias).view(B, H, W, 3, C)
+    out = torch.zeros(B, H, W, C)
+    for branch, (sh, sw, ch) in enumerate([(H, min(s, W), slice(0, h)), (min(s, H), W, slice(h, C))]):
+        for r in range(0, H, sh):
+            for c in range(0, W, sw):
+                stripe = qkv[:, r:r + sh, c:c + sw, :, ch]
+                hh, ww = stripe.shape[1:3]
+                q, k, v = (t.reshape(B, hh * ww, nh, hd).transpose(1, 2) for t in stripe.unbind(3))
+                attn = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1) @ v
+                conv = m.lepe[branch]
+                pe = F.conv2d(stripe[:, :, :, 2].permute(0, 3, 1, 2), conv.weight, conv.bias, padding=1, groups=h)
+                out[:, r:r + hh, c:c + ww, ch] = attn.transpose(1, 2).reshape(B, hh, ww, h) + pe.permute(0, 2, 3, 1)
+    return F.linear(out, m.proj.weight, m.proj.bias)
+
+
+@pytest.mark.parametrize("size, split", [((14, 14), 7), ((9, 11), 4), ((3, 5), 7)])
+def test_cross_shaped_window_attention_is_cswin(size, split):
+    """Vertical + horizontal stripes with LePE; padded sides attend over their real tokens only."""
+    torch.manual_seed(0)
+    m = CrossShapedWindowAttention(16, 4, split_size=split).eval()
+    x = torch.randn(2, *size, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _cswin_stripe_by_stripe(m, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="two halves"):
+        CrossShapedWindowAttention(16, 1)
+
+
 def test_large_kernel_attention_is_vans_spatial_attention():
     """VAN's layer written on NCHW maps as in its paper: shortcut + proj_2(u * conv1(dw7d3(dw5(u))))."""
     torch.manual_seed(0)
@@ -294,6 +325,7 @@ TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 
     "Shifted Window": (lambda: WindowAttention(768, 12, 7, 3), 2.36, 477.2),
     "Linformer": (lambda: LinformerAttention(768, 12, seq_len=196, k=256), 2.46, 616.6),
     "Performer": (lambda: PerformerAttention(768, 12, num_features=256), 2.36, 617.2),
+    "Cross Window": (lambda: CrossShapedWindowAttention(768, 12, split_size=7), 2.37, 493.3),
     "VAN": (lambda: LargeKernelAttention(768), 1.83, 358.0),
     "HorNet": (lambda: RecursiveGatedConv(768, order=4), 2.23, 436.5),
 }

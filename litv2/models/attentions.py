@@ -27,6 +27,7 @@ Ablation choices (``create_attention``), each with its own family's settings, no
 Extra single-layer baselines for ``scripts/benchmark_attention.py``: :class:`LinformerAttention`
 (Wang et al. 2020, shared-across-heads E/F projections to ``k = 256``), :class:`PerformerAttention`
 (Choromanski et al. 2021, FAVOR+ positive orthogonal random features, ``m = 256``),
+:class:`CrossShapedWindowAttention` (CSWin's stripes with LePE, Dong et al. 2022),
 :class:`LargeKernelAttention` (VAN's spatial attention, Guo et al. 2022), :class:`RecursiveGatedConv`
 (HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale) and :class:`TokenAttention` that adapts a
 token-sequence attention such as timm's XCiT ``XCA``.
@@ -46,7 +47,8 @@ __all__ = [
     "ATTENTION_CHOICES", "PVT_SR_RATIOS", "SWIN_WINDOW", "TWINS_WINDOW",
     "MultiHeadSelfAttention", "SpatialReductionAttention", "WindowAttention",
     "LocallyGroupedAttention", "GlobalSubsampledAttention",
-    "LinformerAttention", "PerformerAttention", "LargeKernelAttention", "RecursiveGatedConv", "TokenAttention",
+    "LinformerAttention", "PerformerAttention", "CrossShapedWindowAttention", "LargeKernelAttention",
+    "RecursiveGatedConv", "TokenAttention",
     "create_attention",
 ]
 
@@ -266,6 +268,71 @@ class WindowAttention(nn.Module):
         if pad_b or pad_r:
             x = x[:, :H, :W]
         return self.proj_drop(self.proj(x))
+
+
+class CrossShapedWindowAttention(nn.Module):
+    """CSWin's cross-shaped window attention with LePE (Dong et al., 2022).
+
+    Half of the heads attend inside vertical stripes (full height, ``split_size`` wide), the other half
+    inside horizontal stripes (``split_size`` high, full width); each half adds its locally-enhanced
+    positional encoding, a 3x3 depthwise conv of its values inside each stripe (zero padding at stripe
+    borders). CSWin uses ``split_size = 7`` at 1/16 scale. A side that ``split_size`` does not divide is
+    zero-padded and the padded keys are masked out, so every stripe attends over its real tokens only.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, split_size: int = 7, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        if num_heads % 2:
+            raise ValueError(f"cross-shaped window attention splits the heads in two halves, got num_heads={num_heads}")
+        if int(split_size) != split_size or split_size < 1:
+            raise ValueError(f"split_size must be an integer >= 1, got split_size={split_size}")
+        self.dim, self.num_heads, self.split_size = dim, num_heads, int(split_size)
+        self.attn_drop = attn_drop
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.lepe = nn.ModuleList(_depthwise(dim // 2, 3) for _ in range(2))  # vertical, horizontal stripes
+        self.proj = Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, split_size={self.split_size}"
+
+    def _stripes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sh: int, sw: int,
+                 lepe: nn.Conv2d) -> torch.Tensor:
+        """Attention of ``(B, H, W, C')`` q/k/v inside ``sh x sw`` stripes, plus LePE; ``(B, H, W, C')``."""
+        B, H, W, C = q.shape
+        nh, hd = self.num_heads // 2, self.head_dim
+        pad_b, pad_r = (-H) % sh, (-W) % sw
+        if pad_b or pad_r:
+            q, k, v = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) for t in (q, k, v))
+        hg, wg, n = (H + pad_b) // sh, (W + pad_r) // sw, sh * sw
+
+        def stripes(t: torch.Tensor) -> torch.Tensor:  # (B, Hp, Wp, C) -> (B * hg * wg, n, C)
+            return t.reshape(B, hg, sh, wg, sw, C).transpose(2, 3).reshape(B * hg * wg, n, C)
+
+        q, k, v = stripes(q), stripes(k), stripes(v)
+        pe = lepe(v.view(-1, sh, sw, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(-1, n, nh, hd)
+        mask = None
+        if pad_b or pad_r:  # keys on padded positions take no part
+            real = torch.zeros(hg * sh, wg * sw, dtype=torch.bool, device=q.device)
+            real[:H, :W] = True
+            mask = real.view(hg, sh, wg, sw).transpose(1, 2).reshape(1, hg * wg, 1, 1, n)
+            mask = mask.expand(B, -1, -1, -1, -1).reshape(B * hg * wg, 1, 1, n)
+        heads = [t.view(-1, n, nh, hd).transpose(1, 2) for t in (q, k, v)]
+        x = F.scaled_dot_product_attention(*heads, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2) + pe  # (B * hg * wg, n, nh, hd)
+        x = x.reshape(B, hg, wg, sh, sw, C).transpose(2, 3).reshape(B, hg * sh, wg * sw, C)
+        return x[:, :H, :W] if pad_b or pad_r else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).view(B, H, W, 3, C).unbind(3)
+        h, s = C // 2, self.split_size
+        vertical = self._stripes(q[..., :h], k[..., :h], v[..., :h], H, min(s, W), self.lepe[0])
+        horizontal = self._stripes(q[..., h:], k[..., h:], v[..., h:], min(s, H), W, self.lepe[1])
+        return self.proj_drop(self.proj(torch.cat([vertical, horizontal], -1)))
 
 
 def LocallyGroupedAttention(dim: int, num_heads: int = 8, window_size: int = TWINS_WINDOW, qkv_bias: bool = True,
