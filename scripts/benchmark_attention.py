@@ -6,9 +6,8 @@ dim 768 = 12 heads x 64, batch 64, every method with its own default at that sca
 s 2), MSA, SRA (PVT, sr 2), Local Window / Shifted Window (Swin, window 7, relative position bias),
 T-MSA (Twins: LSA window 7 and GSA sr 2, one row each), XCA (timm's XCiT layer), Linformer (k 256),
 Performer (FAVOR+, 256 features), Cross Window (CSWin, stripes of 7 with LePE), VAN (large kernel
-attention), HorNet (gnConv, order 4). Params and
-FLOPs (fvcore, one image, MAC convention) are deterministic; throughput is measured round-robin over the
-methods (warm-up, several rounds, median).
+attention), HorNet (gnConv, order 4). Params and FLOPs (fvcore, one image, MAC convention) are
+deterministic; throughput is measured round-robin over the methods (warm-up, several rounds, median).
 
 ``--resolutions 224,448,...`` (Fig. 3) grows the map (side = resolution / 16) and reports FLOPs,
 throughput and peak train / test memory per method; a method that runs out of memory (or takes more than

@@ -88,7 +88,7 @@ def test_mixed_precision_and_accumulation_train(precision, digits, tmp_path):
 
 def test_compiled_training_matches_eager_and_saves_a_plain_state_dict(digits, tmp_path, monkeypatch):
     """trainer.compile=true: torch.compile (inductor on CPU) trains the same steps as eager, and the
-    checkpoint holds the model's own parameter names (no ``_orig_mod.``), loadable into a fresh model."""
+    checkpoint holds the same parameter names as an eager run's (no ``_orig_mod.``)."""
     common = ["data=digits", "aug=none", f"data.root={digits}", "data.img_size=32", "data.batch_size=8",
               "trainer.max_steps=2", "trainer.precision=fp32", "trainer.ema.enabled=false", *TINY_LITV2, *FAST]
     from litv2.models import LITv2

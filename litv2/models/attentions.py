@@ -270,6 +270,10 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def _depthwise(dim: int, kernel: int, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(dim, dim, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=dim)
+
+
 class CrossShapedWindowAttention(nn.Module):
     """CSWin's cross-shaped window attention with LePE (Dong et al., 2022).
 
@@ -421,10 +425,6 @@ class PerformerAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-def _depthwise(dim: int, kernel: int, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(dim, dim, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=dim)
-
-
 class LargeKernelAttention(nn.Module):
     """VAN's spatial attention (Guo et al., 2022): ``x + proj_2(LKA(GELU(proj_1(x))))``.
 
@@ -433,7 +433,7 @@ class LargeKernelAttention(nn.Module):
     channels of the ``(B, H, W, C)`` map (the same parameters); the depthwise ones take its NCHW view.
     """
 
-    def __init__(self, dim: int, num_heads: int = 1):  # no heads; the argument keeps the common signature
+    def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
         self.proj_1 = Linear(dim, dim)
@@ -460,7 +460,7 @@ class RecursiveGatedConv(nn.Module):
     scale) and ``scale = 1/3``.
     """
 
-    def __init__(self, dim: int, num_heads: int = 1, order: int = 4, scale: float = 1.0 / 3.0):
+    def __init__(self, dim: int, order: int = 4, scale: float = 1.0 / 3.0):
         super().__init__()
         if order < 1 or dim % 2 ** (order - 1):
             raise ValueError(f"gnConv order {order} needs dim divisible by {2 ** (order - 1)}, got {dim}")

@@ -152,7 +152,9 @@ def deform_conv2d_resampled(x: torch.Tensor, offset: torch.Tensor, weight: torch
     (:func:`_sampling_grid`) with ``F.grid_sample`` (zeros outside the map, as torchvision), which lays
     them out as ``kh x kw`` patches, then convolve with the same weights at stride ``(kh, kw)``. Both are
     vectorised, multi-threaded kernels with their own backward; torchvision's CPU op samples columns
-    and scatters gradients with scalar code on one thread (3-5x slower forward, 4-9x in training here).
+    and scatters gradients with scalar code on one thread. On LITv2-S's DTM shapes at batch 16 this
+    was 2-4x faster forward and 3-5x faster forward + backward than even torchvision's op run per
+    channel group on two threads (the project's CPU; see the README's Performance section).
 
     When gradients are needed the input is zero-padded to power-of-two sides first: then an integer
     sampling position (every position while the offsets are still zero, as at initialisation) goes
