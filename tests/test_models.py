@@ -291,6 +291,37 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_compile_on_cpu_traces_the_fast_formulation(train):
+    """Under torch.compile on CPU, linears stay 1x1 convs and DTM stays resample + conv.
+
+    Inductor then sends them to oneDNN itself. With the plain path it got ``F.linear`` (MKL, half speed on
+    this project's AMD CPU) and torchvision's scalar ``deform_conv2d``: LITv2-S compiled ran 2.2x slower
+    than eager.
+    """
+    import torch.nn.functional as F
+    from torchvision.ops import deform_conv2d
+
+    targets = []
+
+    def capture(gm, example_inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LITv2(**TINY).train(train)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(train):
+        out = torch.compile(model, backend=capture, dynamic=False)(x)
+        eager = model(x)
+    torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
+    assert targets.count(F.linear) == 1  # the classifier on pooled features; every block linear is a conv
+    assert F.conv2d in targets
+    assert F.grid_sample in targets and deform_conv2d not in targets
+    torch._dynamo.reset()
+
+
 def test_onnx_export_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -17,8 +17,10 @@ faster kernels than the default ones, computing the same sums (differences are f
   ``kh x kw``: vectorised, multi-threaded kernels for forward and backward.
 
 ``cpu_fast_paths(False)`` switches all of them off (plain ``F.linear`` / conv then ``F.gelu`` /
-torchvision's ``deform_conv2d``), e.g. to compare. GPUs, tracing (fvcore, ONNX) and ``torch.compile``
-(which fuses on its own) take the plain path.
+torchvision's ``deform_conv2d``), e.g. to compare. GPUs and tracing (fvcore, ONNX) take the plain path.
+``torch.compile`` on CPU traces the 1x1-conv linears, the resampled DTM and the batch chunks (plain aten
+ops, which inductor sends to oneDNN and fuses on its own) but not the cached blocked weights and fused
+oneDNN calls (inductor's ``freezing`` does its own weight packing).
 """
 from __future__ import annotations
 
@@ -49,8 +51,7 @@ def cpu_fast_paths(enabled: bool | None = None) -> bool:
 
 
 def _fast_ok(x: torch.Tensor) -> bool:
-    return (_Flags.cpu_fast_paths and x.device.type == "cpu" and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+    return _Flags.cpu_fast_paths and x.device.type == "cpu" and not torch.jit.is_tracing()
 
 
 def _no_grad_needed(*tensors: torch.Tensor) -> bool:
@@ -86,7 +87,7 @@ def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bi
     tensor's version); a plain oneDNN conv reorders the weight on every call instead.
     """
     if (_fused_conv is None or _reorder_weight is None or not _Flags.onednn or not _fast_ok(x)
-            or x.dtype != torch.float32
+            or torch.compiler.is_compiling() or x.dtype != torch.float32
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or not _no_grad_needed(x, weight, bias)):
         return None
