@@ -186,7 +186,7 @@ class _PeakRSS:
 
 
 def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device="cpu", train: bool = False,
-                   amp_dtype: torch.dtype | None = None, in_chans: int = 3) -> int:
+                   amp_dtype: torch.dtype | None = None, in_chans: int = 3, channels_last: bool = False) -> int:
     """Peak memory (bytes) of one train step (forward + backward) or one inference forward.
 
     GPU: ``torch.cuda.max_memory_allocated`` over the step (weights included, as the paper reports).
@@ -195,6 +195,8 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
     device = torch.device(device)
     h, w = _img_hw(img_size)
     x = torch.randn(batch_size, in_chans, h, w, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     was_training = model.training
     model.train(train)
     grad_ctx = contextlib.nullcontext() if train else torch.inference_mode()

@@ -9,6 +9,12 @@ image) come from :mod:`litv2.profiling`. The machine's ``torch.mm`` GFLOP/s (fp3
 precision on GPU) is measured first so each model's achieved FLOP rate can be read as a share of that
 peak (``2 * GMACs * img/s / peak``).
 
+``--compile`` adds a ``torch.compile``d copy of every model (rows ``<name>@compile``, ``dynamic=False``,
+compiled during the warm-up, which is not timed); ``--inductor-freezing`` lets inductor fold and pre-pack
+the weights of inference graphs. ``--memory`` adds peak train (forward + backward) and test memory at the
+run's batch sizes (:func:`litv2.profiling.measure_memory`: CUDA max allocated, weights included; CPU
+growth of resident memory), the paper's Table 1 columns.
+
 Weights are never downloaded (``pretrained=False``); FasterViT comes from the ``fastervit`` package
 (registered with timm on import).
 
@@ -18,6 +24,7 @@ Examples::
     python scripts/benchmark_models.py --models default,large --train    # + Swin-S/B, ConvNeXt-S/B, ...
     python scripts/benchmark_models.py --models litv2_s,resnet50 --threads 2 --rounds 7
     python scripts/benchmark_models.py --channels-last --malloc keep   # every model in its fastest CPU setting
+    python scripts/benchmark_models.py --models litv2_s,swin_tiny_patch4_window7_224 --compile --train --memory
     python scripts/benchmark_models.py --smoke                           # seconds, tiny input, 1 round
 """
 from __future__ import annotations
@@ -34,8 +41,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, fmt, free_memory, inference_fn, machine_description, markdown_table,
-    matmul_peak_gflops, median_rate, round_robin, train_step_fn,
+    add_cpu_options, apply_cpu_options, fmt, free_memory, inference_fn, is_oom, machine_description,
+    markdown_table, matmul_peak_gflops, median_rate, round_robin, train_step_fn,
 )
 
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
@@ -45,6 +52,7 @@ LARGE_MODELS = ("swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
                 "faster_vit_1_224", "faster_vit_2_224")
 SMOKE_MODELS = ("litv2_s", "resnet50", "faster_vit_0_224")
 REFERENCE = "litv2_s"
+MEMORY_PEER = "swin_tiny_patch4_window7_224"
 # Paper Table 1: GPU throughput (img/s, RTX 3090, batch 64, fp32 as published) for the rows timm has.
 PAPER_GPU = {"litv2_s": 1471, "litv2_m": 812, "litv2_b": 602, "swin_tiny_patch4_window7_224": 961,
              "swin_small_patch4_window7_224": 582, "swin_base_patch4_window7_224": 386, "convnext_tiny": 1079,
@@ -59,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma list of timm names; 'default' and 'large' expand to the built-in sets")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16, help="CPU batch (inference and --train)")
-    p.add_argument("--gpu-batch-size", type=int, default=64)
+    p.add_argument("--gpu-batch-size", type=int, default=64, help="GPU batch (inference, --train, --memory)")
     p.add_argument("--devices", default="auto", help="cpu, cuda or cpu,cuda (default: cpu + cuda if available)")
     p.add_argument("--gpu-fp32", action="store_true", help="fp32 on GPU instead of bf16 autocast")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
@@ -70,6 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true",
                    help="every model's conv weights and the input batch in channels-last memory format (timm's "
                         "benchmark option; convnets' fastest CPU/GPU layout, LITv2 is channels-last inside anyway)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every model under torch.compile (rows <name>@compile; a name@compile in "
+                        "--models adds just that one)")
+    p.add_argument("--inductor-freezing", action="store_true",
+                   help="torch._inductor.config.freezing: inductor folds and pre-packs inference weights")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure peak train (fwd + bwd) and test memory per model at the run's batch sizes")
     add_cpu_options(p)
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long check: 64x64 input, batch 2, 1 round, CPU, models " + ",".join(SMOKE_MODELS))
@@ -85,13 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def expand_models(spec: str) -> list[str]:
+def expand_models(spec: str, compile_all: bool = False) -> list[str]:
     names: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         group = {"default": DEFAULT_MODELS, "large": LARGE_MODELS}.get(item.lower(), (item,) if item else ())
         names += [n for n in group if n not in names]
     if not names:
         raise SystemExit("--models is empty")
+    if compile_all:
+        names += [f"{n}@compile" for n in names if not n.endswith("@compile") and f"{n}@compile" not in names]
     return names
 
 
@@ -119,11 +136,14 @@ class PlainLinearKernel(nn.Module):
 def build_model(name: str, img_size: int) -> nn.Module:
     """``timm.create_model(name, pretrained=False)``; non-224 inputs get the size-dependent kwargs.
 
-    ``<litv2 name>@addmm`` builds that LITv2 with the plain ``F.linear`` kernel (see PlainLinearKernel).
+    ``<litv2 name>@addmm`` builds that LITv2 with the plain ``F.linear`` kernel (see PlainLinearKernel);
+    ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``).
     """
     import timm
 
     import litv2  # noqa: F401  (registers litv2_*)
+    if name.endswith("@compile"):
+        return torch.compile(build_model(name[:-len("@compile")], img_size), dynamic=False)
     if name.endswith("@addmm"):
         return PlainLinearKernel(build_model(name[:-len("@addmm")], img_size)).eval()
     kwargs = {}
@@ -139,7 +159,23 @@ def build_model(name: str, img_size: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
 
 
-def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args, amp_dtype, train: bool) -> dict:
+def peak_memory_mb(model: nn.Module, device: torch.device, batch: int, args, amp_dtype, train: bool):
+    """Peak memory (MiB) of one train (fwd + bwd) or test forward, or "OOM"."""
+    from litv2.profiling import measure_memory
+
+    try:
+        return measure_memory(model, batch, args.img_size, device, train, amp_dtype,
+                              channels_last=args.channels_last) / 2 ** 20
+    except Exception as e:  # noqa: BLE001 - only OOM is swallowed
+        if not is_oom(e):
+            raise
+        free_memory(device)
+        return "OOM"
+
+
+def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args, amp_dtype,
+            train: bool) -> tuple[dict, dict]:
+    """img/s of every model (round-robin) and, with ``--memory``, its peak memory (MiB) afterwards."""
     fns = {}
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     for name, m in models.items():
@@ -147,12 +183,17 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=layout)
         fns[name] = (train_step_fn if train else inference_fn)(m, x, amp_dtype)
     times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds)
-    out = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
-    for m in models.values():
-        m.eval().cpu()
+    fns.clear()  # drops the optimizers' state before memory is measured
+    rates = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
+    memory = {}
+    for name, m in models.items():
         m.zero_grad(set_to_none=True)
+        free_memory(device)
+        if args.memory:  # after the timing, so compiled models are compiled already
+            memory[name] = errors.get(name) or peak_memory_mb(m, device, batch, args, amp_dtype, train)
+        m.eval().cpu()
     free_memory(device)
-    return out
+    return rates, memory
 
 
 def main(argv=None) -> dict:
@@ -167,7 +208,10 @@ def main(argv=None) -> dict:
         devices = [torch.device(d.strip()) for d in args.devices.split(",") if d.strip()]
         if any(d.type == "cuda" for d in devices) and not cuda:
             raise SystemExit("--devices asks for cuda but CUDA is not available")
-    names = expand_models(args.models)
+    names = expand_models(args.models, args.compile)
+    if args.inductor_freezing:
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
     t0 = time.perf_counter()
 
     peak, peak_dtype = {}, {}
@@ -183,7 +227,8 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         m = build_model(name, args.img_size)
         models[name] = m
-        rows[name] = {"params": count_params(m), "gflops": count_flops(m, args.img_size) / 1e9}
+        plain = getattr(m, "_orig_mod", m)  # FLOPs are counted on the eager module
+        rows[name] = {"params": count_params(plain), "gflops": count_flops(plain, args.img_size) / 1e9}
 
     runs = []  # (column key, device, batch, amp dtype, train)
     for d in devices:
@@ -195,11 +240,13 @@ def main(argv=None) -> dict:
             amp = None if args.gpu_fp32 else torch.bfloat16
             runs.append(("gpu", d, args.gpu_batch_size, amp, False))
             if args.train:
-                runs.append(("gpu_train", d, args.batch_size, amp, True))
+                runs.append(("gpu_train", d, args.gpu_batch_size, amp, True))
     for key, d, batch, amp, train in runs:
-        res = measure(models, d, batch, args, amp, train)
-        for name, v in res.items():
+        rates, memory = measure(models, d, batch, args, amp, train)
+        for name, v in rates.items():
             rows[name][f"{key}_img_s"] = v
+        for name, v in memory.items():
+            rows[name][f"{key}_mem_mb"] = v
 
     ref = rows.get(REFERENCE)
     headers = ["Model", "Params (M)", "GFLOPs"]
@@ -211,6 +258,8 @@ def main(argv=None) -> dict:
             headers += [f"× {REFERENCE}"]
         if not train and d.type in peak:
             headers += ["% matmul peak"]
+        if args.memory:
+            headers += [f"{d.type.upper()} {'train' if train else 'test'} mem (MiB)"]
     if "gpu" in [r[0] for r in runs]:
         headers += ["Paper GPU img/s"]
     table = []
@@ -228,6 +277,8 @@ def main(argv=None) -> dict:
                 share = 100 * 2 * r["gflops"] * v / peak[d.type] if isinstance(v, float) else None
                 r[f"{key}_pct_peak"] = share
                 row.append(fmt(share, ".1f"))
+            if args.memory:
+                row.append(fmt(r.get(f"{key}_mem_mb"), ".0f"))
         if "gpu" in [x[0] for x in runs]:
             row.append(fmt(PAPER_GPU.get(name), "d"))
         table.append(row)
@@ -237,6 +288,7 @@ def main(argv=None) -> dict:
     header = (f"Model benchmark at {args.img_size}x{args.img_size}, round-robin over {len(models)} models, "
               f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}"
               + ("; channels-last" if args.channels_last else "")
+              + ("; inductor freezing" if args.inductor_freezing else "")
               + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
     md = header + "\n\n" + markdown_table(headers, table)
     if ref is not None and "cpu" in peak and isinstance(ref.get("cpu_img_s"), float):
@@ -244,6 +296,16 @@ def main(argv=None) -> dict:
         md += (f"\n\n{REFERENCE} on CPU: {achieved:.0f} GFLOP/s achieved "
                f"(2 x {ref['gflops']:.2f} GMACs x {ref['cpu_img_s']:.1f} img/s) = "
                f"{100 * achieved / peak['cpu']:.1f}% of the measured fp32 matmul peak")
+    if args.memory:  # issue 6's memory target: LITv2-S against Swin-T, each eager or each compiled
+        for suffix in ("", "@compile"):
+            mine_name, other = REFERENCE + suffix, MEMORY_PEER + suffix
+            if mine_name not in rows or other not in rows:
+                continue
+            for key, d, batch, amp, train in runs:
+                mine, theirs = rows[mine_name].get(f"{key}_mem_mb"), rows[other].get(f"{key}_mem_mb")
+                if isinstance(mine, float) and isinstance(theirs, float) and theirs > 0:
+                    md += (f"\n\n{mine_name} {d.type.upper()} {'train' if train else 'test'} memory at batch "
+                           f"{batch}: {mine / theirs:.2f}x {other}'s ({mine:.0f} vs {theirs:.0f} MiB)")
     print(md)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

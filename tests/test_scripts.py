@@ -293,6 +293,33 @@ def test_benchmark_models_channels_last_gives_every_model_channels_last_weights_
     assert "; channels-last" in capsys.readouterr().out
 
 
+def test_benchmark_models_compile_adds_a_compiled_row_per_model(tmp_path, monkeypatch):
+    compile_, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or compile_(model, **kw))
+    payload = load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--compile", "--memory", "--models",
+                                                         "resnet18", "--out-dir", str(tmp_path)])
+    rows = payload["rows"]
+    assert list(rows) == ["resnet18", "resnet18@compile"] and compiled == [{"dynamic": False}]
+    assert rows["resnet18@compile"]["params"] == rows["resnet18"]["params"]
+    assert rows["resnet18@compile"]["gflops"] == rows["resnet18"]["gflops"]
+    for r in rows.values():
+        assert r["cpu_img_s"] > 0 and isinstance(r["cpu_mem_mb"], float)
+    assert "| resnet18@compile |" in (tmp_path / "benchmark_models.md").read_text()
+
+
+def test_benchmark_models_memory_compares_train_and_test_memory_with_swin_t(tmp_path, capsys):
+    payload = load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--memory", "--train", "--models",
+                                                         "litv2_s,swin_tiny_patch4_window7_224",
+                                                         "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for r in payload["rows"].values():
+        assert r["cpu_mem_mb"] > 0 and r["cpu_train_mem_mb"] > r["cpu_mem_mb"]  # activations kept + gradients
+    ours, swin = payload["rows"]["litv2_s"], payload["rows"]["swin_tiny_patch4_window7_224"]
+    ratio = ours["cpu_train_mem_mb"] / swin["cpu_train_mem_mb"]
+    assert f"litv2_s CPU train memory at batch 2: {ratio:.2f}x swin_tiny_patch4_window7_224's" in out
+    assert "CPU train mem (MiB)" in out and "CPU test mem (MiB)" in out
+
+
 # ---- ablate_cpu_paths --------------------------------------------------------------------------------------
 
 def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path, capsys):
