@@ -320,6 +320,22 @@ def test_benchmark_models_memory_compares_train_and_test_memory_with_swin_t(tmp_
     assert "CPU train mem (MiB)" in out and "CPU test mem (MiB)" in out
 
 
+# ---- benchmark_dtm -----------------------------------------------------------------------------------------
+
+def test_benchmark_dtm_smoke_times_both_kernels_on_every_dtm_and_they_agree(tmp_path, capsys):
+    payload = load_script("benchmark_dtm.py")["main"](["--smoke", "--out-dir", str(tmp_path)])
+    results = payload["results"]
+    # litv2_s at 64x64: 16x16x96 -> 192, 8x8x192 -> 384, 4x4x384 -> 768
+    assert [r["input"] for r in results] == [[96, 16, 16], [192, 8, 8], [384, 4, 4]]
+    assert [r["weight"][:2] for r in results] == [[192, 96], [384, 192], [768, 384]]
+    for r in results:
+        assert all(v > 0 for v in r["ms"].values()) and set(r["speedup"]) == {"fwd", "fwd+bwd"}
+        assert r["max_abs_diff"] < 1e-4  # same function, off-grid offsets
+    assert "| cpu | layers.1.downsample.dconv |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must be a LITv2 model"):
+        load_script("benchmark_dtm.py")["main"](["--smoke", "--model", "resnet50", "--out-dir", str(tmp_path)])
+
+
 # ---- ablate_cpu_paths --------------------------------------------------------------------------------------
 
 def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path, capsys):

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-__all__ = ["Linear", "cpu_fast_paths", "deform_conv2d_resampled", "dwconv_gelu", "inference_chunk"]
+__all__ = ["Linear", "cpu_fast_paths", "deform_conv2d_resampled", "dwconv_gelu", "inference_chunk",
+           "resample_and_conv"]
 
 
 class _Flags:
@@ -168,6 +169,17 @@ def deform_conv2d_resampled(x: torch.Tensor, offset: torch.Tensor, weight: torch
     if (not _Flags.dtm_resample or not _fast_ok(x) or x.dim() != 4 or offset.shape[1] != 2 * kh * kw
             or weight.shape[1] != x.shape[1]):
         return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
+    return resample_and_conv(x, offset, weight, bias, stride, padding, module)
+
+
+def resample_and_conv(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      stride: int, padding: int, module: nn.Module | None = None) -> torch.Tensor:
+    """The resampled deformable conv itself, on any device (no fast-path checks; see above).
+
+    The model takes it on CPU only; ``scripts/benchmark_dtm.py`` times it against torchvision's op on
+    CPU and CUDA.
+    """
+    kh, kw = weight.shape[-2:]
     H, W = x.shape[-2:]
     size_h, size_w = H, W
     if not _no_grad_needed(x, offset, weight, bias):
