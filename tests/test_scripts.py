@@ -320,6 +320,29 @@ def test_benchmark_models_memory_compares_train_and_test_memory_with_swin_t(tmp_
     assert "CPU train mem (MiB)" in out and "CPU test mem (MiB)" in out
 
 
+def test_benchmark_models_times_fastervit_inference_in_its_deploy_mode_and_trains_it_without(tmp_path, capsys,
+                                                                                             monkeypatch):
+    import timm
+
+    create, seen = timm.create_model, []
+
+    def create_and_watch(name, *args, **kwargs):
+        model = create(name, *args, **kwargs)
+        attn = [m for m in model.modules() if hasattr(m, "switch_to_deploy")]
+        assert attn
+        model.register_forward_pre_hook(lambda mod, inputs: seen.append(
+            ("train" if mod.training else "eval", tuple(sorted({m.deploy for m in attn})))))
+        return model
+
+    monkeypatch.setattr(timm, "create_model", create_and_watch)
+    load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--train", "--models", "faster_vit_0_224",
+                                                "--out-dir", str(tmp_path)])
+    # FLOP count (eval, not deploy), the deploy-filling forward, timed inference in deploy, training without
+    assert seen[-1] == ("train", (False,)) and ("eval", (True,)) in seen
+    assert all(deploy == (False,) for mode, deploy in seen if mode == "train")
+    assert "; FasterViT in deploy mode at inference" in capsys.readouterr().out
+
+
 # ---- benchmark_dtm -----------------------------------------------------------------------------------------
 
 def test_benchmark_dtm_smoke_times_both_kernels_on_every_dtm_and_they_agree(tmp_path, capsys):
