@@ -227,7 +227,7 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
 
 def efficiency_report(model: nn.Module, img_size=224, device="cpu", batch_size: int = 64, runs: int = 30,
                       warmup: int = 10, amp_dtype: torch.dtype | None = None, in_chans: int = 3,
-                      memory: bool = True) -> dict:
+                      memory: bool = True, channels_last: bool = False) -> dict:
     """Everything Table 1 reports except accuracy: params (M), GFLOPs, img/s, train/test memory (MB)."""
     device = torch.device(device)
     h, w = _img_hw(img_size)
@@ -241,11 +241,11 @@ def efficiency_report(model: nn.Module, img_size=224, device="cpu", batch_size: 
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "fp32",
         "throughput": round(measure_throughput(model, batch_size, (h, w), device, runs, warmup, amp_dtype,
-                                               in_chans), 2),
+                                               in_chans, channels_last), 2),
     }
     if memory:
         report["train_mem_mb"] = round(measure_memory(model, batch_size, (h, w), device, True, amp_dtype,
-                                                      in_chans) / 2 ** 20, 1)
+                                                      in_chans, channels_last) / 2 ** 20, 1)
         report["test_mem_mb"] = round(measure_memory(model, batch_size, (h, w), device, False, amp_dtype,
-                                                     in_chans) / 2 ** 20, 1)
+                                                     in_chans, channels_last) / 2 ** 20, 1)
     return report

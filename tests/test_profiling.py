@@ -22,6 +22,15 @@ def test_efficiency_report_fields_are_sane():
     assert model.training  # measuring leaves the mode as it was
 
 
+def test_efficiency_report_times_and_measures_channels_last_inputs_when_asked():
+    model = LITv2(**TINY)
+    layouts = []
+    model.register_forward_pre_hook(lambda mod, inputs: layouts.append(
+        inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()))
+    efficiency_report(model, img_size=64, batch_size=4, runs=1, warmup=0, channels_last=True)
+    assert layouts[1:] == [True] * 3  # after the FLOP count: throughput, train memory, test memory
+
+
 def test_flops_scale_with_input_and_non_square():
     model = LITv2(**TINY)
     f64, f128 = count_flops(model, 64), count_flops(model, 128)

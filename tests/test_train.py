@@ -23,7 +23,7 @@ def digits(tmp_path_factory):
     return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
 
 
-def test_quickstart_short_learns_and_reports(digits, tmp_path):
+def test_quickstart_short_learns_and_reports(digits, tmp_path, monkeypatch):
     """A 3-epoch quickstart: loss falls, val top-1 far above chance and equal to an independent count."""
     run = tmp_path / "run"
     summary = train_in_process(["experiment=quickstart", f"data.root={digits}", "trainer.epochs=3",
@@ -62,6 +62,22 @@ def test_quickstart_short_learns_and_reports(digits, tmp_path):
 
     result = run_eval(compose([f"checkpoint={run / 'last.pth'}", "profile.enabled=false", "data.num_workers=0"],
                               config="eval"))
+    assert result["top1"] == summary["final_top1"] and result["images"] == 360
+
+    # eval.py honours trainer.channels_last and trainer.compile (it ignored both before)
+    seen = []
+
+    def fake_compile(model, **kwargs):  # records and returns the model: compiled numerics are tested elsewhere
+        model.register_forward_pre_hook(lambda mod, inputs: seen.append(
+            (inputs[0].is_contiguous(memory_format=torch.channels_last),
+             mod.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last))))
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    result = run_eval(compose([f"checkpoint={run / 'last.pth'}", "profile.enabled=false", "data.num_workers=0",
+                               "trainer.channels_last=true", "trainer.compile=true"], config="eval"))
+    assert seen[0] == {"dynamic": False} and set(seen[1:]) == {(True, True)}
     assert result["top1"] == summary["final_top1"] and result["images"] == 360
 
 

@@ -92,7 +92,8 @@ def profile_model(model, cfg, device) -> dict:
     warmup = p.warmup if p.warmup is not None else (10 if on_gpu else 1)
     try:
         return efficiency_report(model, img_size=p.img_size, device=device, batch_size=p.batch_size,
-                                 runs=runs, warmup=warmup, memory=p.memory)
+                                 runs=runs, warmup=warmup, memory=p.memory,
+                                 channels_last=bool(cfg.trainer.get("channels_last", False)))
     except Exception as e:  # profiling must never cost a finished training run
         log.warning("efficiency report failed: %s", e)
         return {"profile_error": str(e).splitlines()[0] if str(e) else type(e).__name__}
@@ -124,8 +125,12 @@ def run_eval(cfg) -> dict:
         load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, state=state)
         root = dataset_root(cfg.data, splits=("val",))
         model.to(info.device)
+        if cfg.trainer.channels_last:
+            model.to(memory_format=torch.channels_last)
+        eval_model = torch.compile(model, dynamic=False) if cfg.trainer.compile else model
         loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
-        results.update(evaluate(model, loader, info.device, cfg.trainer.precision, info))
+        results.update(evaluate(eval_model, loader, info.device, cfg.trainer.precision, info,
+                                channels_last=cfg.trainer.channels_last))
     if cfg.profile.enabled or cfg.profile_only:
         results.update(profile_model(model, cfg, info.device))
     if info.is_main:
