@@ -106,6 +106,20 @@ def matmul_peak_gflops(device="cpu", n: int = 2048, dtype: torch.dtype = torch.f
     return 2 * n ** 3 / best / 1e9
 
 
+def resolve_devices(spec: str, auto_gpu_only: bool = False) -> list[torch.device]:
+    """``--devices``: ``auto`` (CPU, plus CUDA when present; with ``auto_gpu_only`` the GPU alone when
+    present) or a comma list such as ``cpu,cuda``; one clear error when it asks for CUDA that is not there."""
+    cuda = torch.cuda.is_available()
+    if spec == "auto":
+        if auto_gpu_only and cuda:
+            return [torch.device("cuda")]
+        return [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    devices = [torch.device(d.strip()) for d in spec.split(",") if d.strip()]
+    if any(d.type == "cuda" for d in devices) and not cuda:
+        raise SystemExit("--devices asks for cuda but CUDA is not available")
+    return devices
+
+
 def add_cpu_options(parser) -> None:
     """``--threads`` and ``--malloc`` for a benchmark script's CPU runs (see :func:`apply_cpu_options`)."""
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")

@@ -38,7 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, fmt, free_memory, is_oom, machine_description, markdown_table, median_rate, round_robin, sync,
+    add_cpu_options, apply_cpu_options, fmt, free_memory, is_oom, machine_description, markdown_table, median_rate,
+    resolve_devices, round_robin, sync,
 )
 
 from litv2.models.attentions import (  # noqa: E402
@@ -142,18 +143,6 @@ def select_methods(all_methods: dict, spec: str) -> dict:
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
     return {k: all_methods[k] for k in keys}
-
-
-def resolve_devices(spec: str, resolutions: bool) -> list[torch.device]:
-    cuda = torch.cuda.is_available()
-    if spec == "auto":
-        if resolutions:
-            return [torch.device("cuda" if cuda else "cpu")]
-        return [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    devices = [torch.device(d.strip()) for d in spec.split(",") if d.strip()]
-    if any(d.type == "cuda" for d in devices) and not cuda:
-        raise SystemExit("--devices asks for cuda but CUDA is not available")
-    return devices
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -407,7 +396,7 @@ def main(argv=None) -> dict:
         resolutions = sorted({int(r) for r in spec.split(",") if r.strip()}) if spec else None
     except ValueError:
         raise SystemExit(f"--resolutions must be a comma list of integers or 'fig3', got {args.resolutions!r}")
-    devices = resolve_devices(args.devices, resolutions is not None)
+    devices = resolve_devices(args.devices, auto_gpu_only=resolutions is not None)
     t0 = time.perf_counter()
     if resolutions:
         device = devices[0]

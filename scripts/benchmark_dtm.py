@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, fmt, machine_description, markdown_table, round_robin,
+    add_cpu_options, apply_cpu_options, fmt, machine_description, markdown_table, resolve_devices, round_robin,
 )
 
 KERNELS = ("torchvision", "resampled")
@@ -100,13 +100,7 @@ def kernel_fn(kernel: str, shape: dict):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     apply_cpu_options(args)
-    cuda = torch.cuda.is_available()
-    if args.devices == "auto":
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    else:
-        devices = [torch.device(d.strip()) for d in args.devices.split(",") if d.strip()]
-        if any(d.type == "cuda" for d in devices) and not cuda:
-            raise SystemExit("--devices asks for cuda but CUDA is not available")
+    devices = resolve_devices(args.devices)
     shapes = dtm_shapes(args.model, args.img_size)
 
     results, table = [], []

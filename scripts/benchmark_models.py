@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
     add_cpu_options, apply_cpu_options, fmt, free_memory, inference_fn, is_oom, machine_description,
-    markdown_table, matmul_peak_gflops, median_rate, round_robin, train_step_fn,
+    markdown_table, matmul_peak_gflops, median_rate, resolve_devices, round_robin, train_step_fn,
 )
 
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
@@ -222,13 +222,7 @@ def main(argv=None) -> dict:
     from litv2.profiling import count_flops, count_params
 
     apply_cpu_options(args)
-    cuda = torch.cuda.is_available()
-    if args.devices == "auto":
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    else:
-        devices = [torch.device(d.strip()) for d in args.devices.split(",") if d.strip()]
-        if any(d.type == "cuda" for d in devices) and not cuda:
-            raise SystemExit("--devices asks for cuda but CUDA is not available")
+    devices = resolve_devices(args.devices)
     names = expand_models(args.models, args.compile)
     if args.inductor_freezing:
         import torch._inductor.config as inductor_config
