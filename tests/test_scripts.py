@@ -359,6 +359,13 @@ def test_benchmark_dtm_smoke_times_both_kernels_on_every_dtm_and_they_agree(tmp_
         load_script("benchmark_dtm.py")["main"](["--smoke", "--model", "resnet50", "--out-dir", str(tmp_path)])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+@pytest.mark.parametrize("script", ["benchmark_models.py", "benchmark_attention.py", "benchmark_dtm.py"])
+def test_benchmarks_asked_for_cuda_without_it_fail_in_one_line(script, tmp_path):
+    with pytest.raises(SystemExit, match="--devices asks for cuda but CUDA is not available"):
+        load_script(script)["main"](["--devices", "cuda", "--out-dir", str(tmp_path)])
+
+
 # ---- ablate_cpu_paths --------------------------------------------------------------------------------------
 
 def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path, capsys):
