@@ -1,0 +1,119 @@
+"""GPU correctness: the CUDA paths compute what the CPU paths compute. Skipped where CUDA is absent (CI).
+
+On a GPU machine: ``python -m pytest -q tests/test_gpu.py``. ``LITV2_TEST_DEVICE=cpu`` runs the same
+tests on CPU (except the CUDA-kernel one), which checks the tests themselves on a machine without a GPU.
+"""
+import os
+
+import pytest
+import torch
+
+from litv2.models import LITv2
+
+DEVICE = torch.device(os.environ.get("LITV2_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
+TINY = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full fp32 convolutions and matmuls on the GPU (cuDNN allows TF32 by default)."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("offset_scale", [0.0, 2.5])
+def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale):
+    """The A/B of scripts/benchmark_dtm.py compares equal functions: outputs and all four gradients, fp64."""
+    from torchvision.ops import deform_conv2d
+
+    from litv2.models.layers import resample_and_conv
+
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=DEVICE)
+    x = torch.randn(2, 6, 12, 16, **kw)
+    offset = offset_scale * torch.randn(2, 8, 6, 8, **kw)
+    weight, bias = torch.randn(7, 6, 2, 2, **kw), torch.randn(7, **kw)
+    grad_out = torch.randn(2, 7, 6, 8, **kw)
+    results = []
+    for fn in (lambda *t: deform_conv2d(*t, stride=2, padding=0), lambda *t: resample_and_conv(*t, 2, 0)):
+        leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_litv2_on_the_device_matches_cpu():
+    """Same weights, fp32: the device's kernels (cuDNN, torchvision's CUDA deform conv, SDPA) vs the CPU's."""
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    for m in model.modules():  # DTM offsets off the pixel grid, so the deformable sampling is exercised
+        if hasattr(m, "conv_offset"):
+            torch.nn.init.normal_(m.conv_offset.weight, std=0.5)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        got = model.to(DEVICE)(x.to(DEVICE)).cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_forward_is_close_to_fp32_and_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = LITv2(**TINY).to(DEVICE)
+    x = torch.randn(4, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        fp32 = model.eval()(x)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            bf16 = model(x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = model.train()(x)  # (after the eval passes: train mode updates the DTM BatchNorm statistics)
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - fp32).abs().max() <= 0.05 * fp32.abs().max()
+    out.float().logsumexp(1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA attention kernels")
+def test_hilo_runs_on_fused_sdpa_kernels_under_bf16():
+    """Both HiLo branches and stage-4 MSA qualify for flash / memory-efficient attention (no math fallback)."""
+    import timm
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import litv2  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model("litv2_s", num_classes=10).to(DEVICE)
+    x = torch.randn(2, 3, 224, 224, device=DEVICE)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
+
+
+def test_torch_compile_on_the_device_matches_eager():
+    torch.manual_seed(0)
+    model = LITv2(**TINY).to(DEVICE).eval()
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, dynamic=False)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_efficiency_report_on_the_device():
+    from litv2.profiling import efficiency_report
+
+    report = efficiency_report(LITv2(**TINY), img_size=64, device=DEVICE, batch_size=8, runs=2, warmup=1)
+    assert report["throughput"] > 0 and report["train_mem_mb"] > report["test_mem_mb"] > 0
+    assert report["device"] == (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu")
