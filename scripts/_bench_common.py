@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from litv2.cpu import keep_freed_memory  # noqa: F401  (--malloc keep; re-exported for the scripts)
+
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
                 "not enough memory", "failed to allocate")
 
@@ -159,30 +161,6 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.dtyp
         opt.step()
         return loss
     return run
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to serve every allocation from its heap and never give memory back.
-
-    By default glibc maps each allocation above a (dynamic, at most 32 MiB) threshold afresh from the
-    kernel and unmaps it when freed, so a model whose activations are bigger pays page faults for
-    every one of them on every call (ResNet-50 at batch 16 has 51 MiB maps). ``--malloc keep`` sets
-    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to their maximum, the in-process equivalent of
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``. Returns False where malloc is not glibc's.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 2 ** 31 - 1)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def fmt(value, spec: str = ".1f", missing: str = "-") -> str:

@@ -260,3 +260,19 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     (tmp_path / ckpt.PREV).write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_resume_state(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_runs_keep_freed_memory_unless_switched_off(keep, digits, tmp_path, monkeypatch):
+    """trainer.cpu_keep_freed_memory (default on): CPU training and evaluation set glibc to keep freed memory."""
+    import litv2.cpu
+    from litv2.engine import run_eval
+
+    calls = []
+    monkeypatch.setattr(litv2.cpu, "keep_freed_memory", lambda: calls.append(1) or True)
+    flag = f"trainer.cpu_keep_freed_memory={str(keep).lower()}"
+    train_in_process(["data=digits", f"data.root={digits}", "data.img_size=32", "data.batch_size=8",
+                      "trainer.max_steps=1", flag, *TINY_LITV2, *FAST], tmp_path)
+    run_eval(compose([f"checkpoint={tmp_path / 'last.pth'}", "profile.enabled=false", "data.num_workers=0", flag],
+                     config="eval"))
+    assert calls == ([1, 1] if keep else [])

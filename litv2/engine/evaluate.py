@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from litv2.cpu import apply_cpu_settings
 from litv2.errors import UserError
 
 from .checkpoint import FORMAT, load_file
@@ -119,6 +120,7 @@ def run_eval(cfg) -> dict:
                      "(use_run_config=false to use the command line's)")
             check_config(cfg, training=False)
     info = init_distributed(cfg.trainer.device)
+    apply_cpu_settings(cfg.trainer, info.device)
     model = build_model(cfg)
     results = {}
     if not cfg.profile_only:

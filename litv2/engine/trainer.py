@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from timm.utils import ModelEmaV3
 
+from litv2.cpu import apply_cpu_settings
 from litv2.data import build_eval_loader, build_mixup_and_criterion, build_train_loader, dataset_root
 from litv2.errors import UserError
 from litv2.logging import RunLogger, log
@@ -128,6 +129,7 @@ def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
         raise UserError(f"one epoch has fewer batches ({len(train_loader)}) than trainer.accum_steps={t.accum_steps}")
 
     # ---- model, optimizer, schedule, EMA, AMP ------------------------------------------------------
+    apply_cpu_settings(t, device)  # CPU: glibc keeps freed memory (no page faults on big activations)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
