@@ -293,7 +293,7 @@ def test_torch_compile_matches_eager():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_torch_compile_on_cpu_traces_the_fast_formulation(train):
-    """Under torch.compile on CPU, linears stay 1x1 convs and DTM stays resample + conv.
+    """Under torch.compile on CPU, linears stay 1x1 convs and DTM stays resample + conv (no batch chunks).
 
     Inductor then sends them to oneDNN itself. With the plain path it got ``F.linear`` (MKL, half speed on
     this project's AMD CPU) and torchvision's scalar ``deform_conv2d``: LITv2-S compiled ran 2.2x slower
@@ -320,6 +320,19 @@ def test_torch_compile_on_cpu_traces_the_fast_formulation(train):
     assert F.conv2d in targets
     assert F.grid_sample in targets and deform_conv2d not in targets
     torch._dynamo.reset()
+
+
+def test_torch_export_gives_the_plain_model_not_the_cpu_formulation():
+    """torch.export / ONNX export on CPU: linear layers and torchvision's deformable conv, as on any device."""
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    program = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("torchvision.deform_conv2d.default") == 3 and "aten.grid_sampler.default" not in targets
+    assert targets.count("aten.linear.default") > 10
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=0)
 
 
 def test_onnx_export_matches_onnxruntime(tmp_path):

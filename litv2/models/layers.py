@@ -17,10 +17,11 @@ faster kernels than the default ones, computing the same sums (differences are f
   ``kh x kw``: vectorised, multi-threaded kernels for forward and backward.
 
 ``cpu_fast_paths(False)`` switches all of them off (plain ``F.linear`` / conv then ``F.gelu`` /
-torchvision's ``deform_conv2d``), e.g. to compare. GPUs and tracing (fvcore, ONNX) take the plain path.
-``torch.compile`` on CPU traces the 1x1-conv linears, the resampled DTM and the batch chunks (plain aten
-ops, which inductor sends to oneDNN and fuses on its own) but not the cached blocked weights and fused
-oneDNN calls (inductor's ``freezing`` does its own weight packing).
+torchvision's ``deform_conv2d``), e.g. to compare. GPUs, tracing (fvcore) and ``torch.export`` / ONNX
+export take the plain path, so an exported graph is the model itself, not this machine's formulation.
+``torch.compile`` on CPU traces the 1x1-conv linears and the resampled DTM (plain aten ops, which
+inductor sends to oneDNN and fuses on its own); the batch chunks, cached blocked weights and fused oneDNN
+calls stay eager-only (inductor's ``freezing`` does its own weight packing).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def cpu_fast_paths(enabled: bool | None = None) -> bool:
 
 
 def _fast_ok(x: torch.Tensor) -> bool:
-    return _Flags.cpu_fast_paths and x.device.type == "cpu" and not torch.jit.is_tracing()
+    return (_Flags.cpu_fast_paths and x.device.type == "cpu" and not torch.jit.is_tracing()
+            and not torch.compiler.is_exporting())
 
 
 def _no_grad_needed(*tensors: torch.Tensor) -> bool:
@@ -67,7 +69,8 @@ def inference_chunk(x: torch.Tensor, widest_channels: int) -> int:
     ``_Flags.chunk_bytes``, at least one sample.
     """
     B = x.shape[0]
-    if B < 2 or not _Flags.chunk_bytes or not _fast_ok(x) or not _no_grad_needed(x):
+    if (B < 2 or not _Flags.chunk_bytes or not _fast_ok(x) or not _no_grad_needed(x)
+            or torch.compiler.is_compiling()):
         return B
     per_sample = x.shape[1] * x.shape[2] * widest_channels * x.element_size()
     return max(1, min(B, _Flags.chunk_bytes // max(per_sample, 1)))
