@@ -122,6 +122,16 @@ def resolve_devices(spec: str, auto_gpu_only: bool = False) -> list[torch.device
     return devices
 
 
+def create_litv2(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` for a LITv2 model; one clear error for any other."""
+    import timm
+
+    import litv2  # noqa: F401  (registers the models)
+    if not timm.is_model(name) or not name.startswith("litv2"):
+        raise SystemExit(f"--model must be a LITv2 model (litv2_s, litv2_m, litv2_b, ...), got {name!r}")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
 def add_cpu_options(parser) -> None:
     """``--threads`` and ``--malloc`` for a benchmark script's CPU runs (see :func:`apply_cpu_options`)."""
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, inference_fn, machine_description, markdown_table, median_rate, round_robin,
-    train_step_fn,
+    add_cpu_options, apply_cpu_options, create_litv2, inference_fn, machine_description, markdown_table, median_rate,
+    round_robin, train_step_fn,
 )
 
 # (label, settings of litv2.models.layers._Flags); each row adds one path to the previous one
@@ -58,16 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import timm
-
-    import litv2  # noqa: F401  (registers the models)
     from litv2.models import layers
 
     apply_cpu_options(args)
-    if not timm.is_model(args.model) or not args.model.startswith("litv2"):
-        raise SystemExit(f"--model must be a LITv2 model (litv2_s, litv2_m, litv2_b, ...), got {args.model!r}")
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).train(args.train)
+    model = create_litv2(args.model).train(args.train)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     step = (train_step_fn if args.train else inference_fn)(model, x)
 

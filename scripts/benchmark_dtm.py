@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, fmt, machine_description, markdown_table, resolve_devices, round_robin,
+    add_cpu_options, apply_cpu_options, create_litv2, fmt, machine_description, markdown_table, resolve_devices,
+    round_robin,
 )
 
 KERNELS = ("torchvision", "resampled")
@@ -53,14 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def dtm_shapes(model_name: str, img_size: int) -> list[dict]:
     """Input shape, weight shape, stride and padding of every DeformConv2d of ``model_name``."""
-    import timm
-
-    import litv2  # noqa: F401  (registers the models)
     from litv2.models.litv2 import DeformConv2d
 
-    if not timm.is_model(model_name) or not model_name.startswith("litv2"):
-        raise SystemExit(f"--model must be a LITv2 model (litv2_s, litv2_m, litv2_b, ...), got {model_name!r}")
-    model = timm.create_model(model_name, pretrained=False, img_size=img_size).eval()
+    model = create_litv2(model_name, img_size=img_size).eval()
     shapes = []
     for name, m in model.named_modules():
         if isinstance(m, DeformConv2d):
