@@ -271,21 +271,31 @@ def test_benchmark_models_smoke(tmp_path, capsys):
     assert "| litv2_s | 27.8 |" in out and "% of the measured fp32 matmul peak" in out
 
 
-def test_benchmark_models_channels_last_gives_every_model_channels_last_weights_and_input(tmp_path, capsys,
-                                                                                        monkeypatch):
+def watch_created_models(monkeypatch, watcher) -> list:
+    """Patch ``timm.create_model``: for each model created, ``watcher(name, model)`` returns a function of
+    ``(module, inputs)`` whose result is recorded before every forward. Returns the list of records."""
     import timm
 
     create, seen = timm.create_model, []
 
     def create_and_watch(name, *args, **kwargs):
         model = create(name, *args, **kwargs)
-        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-        model.register_forward_pre_hook(lambda mod, inputs: seen.append(
-            (name, inputs[0].is_contiguous(memory_format=torch.channels_last),
-             conv.weight.is_contiguous(memory_format=torch.channels_last))))
+        observe = watcher(name, model)
+        model.register_forward_pre_hook(lambda mod, inputs: seen.append(observe(mod, inputs)))
         return model
 
     monkeypatch.setattr(timm, "create_model", create_and_watch)
+    return seen
+
+
+def test_benchmark_models_channels_last_gives_every_model_channels_last_weights_and_input(tmp_path, capsys,
+                                                                                        monkeypatch):
+    def watcher(name, model):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        return lambda mod, inputs: (name, inputs[0].is_contiguous(memory_format=torch.channels_last),
+                                    conv.weight.is_contiguous(memory_format=torch.channels_last))
+
+    seen = watch_created_models(monkeypatch, watcher)
     load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--channels-last", "--models",
                                                 "litv2_s,resnet18", "--out-dir", str(tmp_path)])
     timed = {name: (x_cl, w_cl) for name, x_cl, w_cl in seen}  # the last call of each: a timed one
@@ -322,19 +332,12 @@ def test_benchmark_models_memory_compares_train_and_test_memory_with_swin_t(tmp_
 
 def test_benchmark_models_times_fastervit_inference_in_its_deploy_mode_and_trains_it_without(tmp_path, capsys,
                                                                                              monkeypatch):
-    import timm
-
-    create, seen = timm.create_model, []
-
-    def create_and_watch(name, *args, **kwargs):
-        model = create(name, *args, **kwargs)
+    def watcher(name, model):
         attn = [m for m in model.modules() if hasattr(m, "switch_to_deploy")]
         assert attn
-        model.register_forward_pre_hook(lambda mod, inputs: seen.append(
-            ("train" if mod.training else "eval", tuple(sorted({m.deploy for m in attn})))))
-        return model
+        return lambda mod, inputs: ("train" if mod.training else "eval", tuple(sorted({m.deploy for m in attn})))
 
-    monkeypatch.setattr(timm, "create_model", create_and_watch)
+    seen = watch_created_models(monkeypatch, watcher)
     load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--train", "--models", "faster_vit_0_224",
                                                 "--out-dir", str(tmp_path)])
     # FLOP count (eval, not deploy), the deploy-filling forward, timed inference in deploy, training without
