@@ -228,8 +228,12 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
 def efficiency_report(model: nn.Module, img_size=224, device="cpu", batch_size: int = 64, runs: int = 30,
                       warmup: int = 10, amp_dtype: torch.dtype | None = None, in_chans: int = 3,
                       memory: bool = True, channels_last: bool = False) -> dict:
-    """Everything Table 1 reports except accuracy: params (M), GFLOPs, img/s, train/test memory (MB)."""
+    """Everything Table 1 reports except accuracy: params (M), GFLOPs, img/s, train/test memory (MB).
+
+    The model is moved to ``device`` (in place, as ``nn.Module.to`` does) before anything is measured.
+    """
     device = torch.device(device)
+    model.to(device)
     h, w = _img_hw(img_size)
     params = count_params(model)
     report = {
