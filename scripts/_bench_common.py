@@ -34,22 +34,28 @@ def sync(device: torch.device | str) -> None:
 
 
 def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int = 5, warmup: int = 2,
-                max_seconds: float | None = None) -> tuple[dict[str, list[float]], dict[str, str]]:
+                max_seconds: float | None = None,
+                calls_per_sample: int = 1) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Time every callable alternately: warm-up each, then ``rounds`` rounds visiting all of them.
 
     The visiting order rotates every round, so a slow drift of the machine (thermal, other load) hits all
     methods alike. Returns ``(seconds per call for each name, {name: "OOM"} for those that ran out of
     memory)``. With ``max_seconds`` the rounds stop once that much time has passed (at least one round).
+    Each sample times ``calls_per_sample`` back-to-back calls and one device sync (the paper's GPU
+    throughput protocol: the host queues the next call while the GPU runs the last one) and records the
+    time per call.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     errors: dict[str, str] = {}
+    n = max(1, int(calls_per_sample))
 
     def call(name: str) -> float | None:
         try:
             t0 = time.perf_counter()
-            fns[name]()
+            for _ in range(n):
+                fns[name]()
             sync(device)
-            return time.perf_counter() - t0
+            return (time.perf_counter() - t0) / n
         except Exception as e:  # noqa: BLE001 - only OOM is swallowed
             if not is_oom(e):
                 raise
@@ -122,6 +128,13 @@ def resolve_devices(spec: str, auto_gpu_only: bool = False) -> list[torch.device
     return devices
 
 
+def cudnn_autotune(devices) -> None:
+    """cuDNN times its convolution kernels per shape and keeps the fastest, as ``train.py`` and timm's
+    benchmark run them (otherwise its heuristic pick is what gets timed)."""
+    if any(torch.device(d).type == "cuda" for d in devices):
+        torch.backends.cudnn.benchmark = True
+
+
 def create_litv2(name: str, **kwargs) -> torch.nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` for a LITv2 model; one clear error for any other."""
     import timm
@@ -138,6 +151,18 @@ def add_cpu_options(parser) -> None:
     parser.add_argument("--malloc", choices=["default", "keep"], default="default",
                         help="keep: glibc malloc keeps freed memory instead of unmapping big blocks (no page "
                              "faults for large activations; applies to everything the run times)")
+
+
+def add_gpu_options(parser) -> None:
+    """``--gpu-calls``: back-to-back calls per timed GPU sample (see :func:`calls_per_sample`)."""
+    parser.add_argument("--gpu-calls", type=int, default=10,
+                        help="GPU: each timed sample is this many back-to-back calls and one sync (as the "
+                             "paper's throughput protocol); 1 = a sync after every call")
+
+
+def calls_per_sample(device, args) -> int:
+    """``args.gpu_calls`` on a GPU, 1 on CPU (a CPU call is synchronous: one call per sample loses nothing)."""
+    return max(1, args.gpu_calls) if torch.device(device).type == "cuda" else 1
 
 
 def apply_cpu_options(args) -> None:

@@ -38,8 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, fmt, free_memory, is_oom, machine_description, markdown_table, median_rate,
-    resolve_devices, round_robin, sync,
+    add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, cudnn_autotune, fmt, free_memory,
+    is_oom, machine_description, markdown_table, median_rate, resolve_devices, round_robin, sync,
 )
 
 from litv2.models.attentions import (  # noqa: E402
@@ -115,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     add_cpu_options(p)
+    add_gpu_options(p)
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop timing rounds after this long; with --resolutions also the longest single pass "
                         "before a method is skipped at larger sizes")
@@ -221,7 +222,8 @@ def run_table(args, methods: dict, devices: list[torch.device]) -> dict:
         for key, m in modules.items():
             m.to(device)
             fns[key] = forward_fn(m, make_input(args, size, args.batch_size, device), args.amp)
-        times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds)
+        times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
+                                    calls_per_sample=calls_per_sample(device, args))
         for key in modules:
             results[key][f"{device.type}_img_s"] = errors.get(key) or median_rate(times[key], args.batch_size)
             results[key][f"{device.type}_rounds"] = len(times[key])
@@ -310,7 +312,8 @@ def run_resolutions(args, methods: dict, device: torch.device, resolutions: list
             fns[key] = forward_fn(m, x, args.amp)
         if not fns:
             break
-        times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds)
+        times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
+                                    calls_per_sample=calls_per_sample(device, args))
         for key, (m, x) in mods.items():
             point = results[key]["points"][-1]
             if key in errors:
@@ -397,6 +400,7 @@ def main(argv=None) -> dict:
     except ValueError:
         raise SystemExit(f"--resolutions must be a comma list of integers or 'fig3', got {args.resolutions!r}")
     devices = resolve_devices(args.devices, auto_gpu_only=resolutions is not None)
+    cudnn_autotune(devices)
     t0 = time.perf_counter()
     if resolutions:
         device = devices[0]

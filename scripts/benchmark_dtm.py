@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, create_litv2, fmt, machine_description, markdown_table, resolve_devices,
-    round_robin,
+    add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, create_litv2, cudnn_autotune, fmt,
+    machine_description, markdown_table, resolve_devices, round_robin,
 )
 
 KERNELS = ("torchvision", "resampled")
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     add_cpu_options(p)
+    add_gpu_options(p)
     p.add_argument("--smoke", action="store_true", help="64x64, batch 2, 1 round, CPU")
     p.add_argument("--out-dir", default="outputs/benchmark_dtm")
     args = p.parse_args(argv)
@@ -97,6 +98,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     apply_cpu_options(args)
     devices = resolve_devices(args.devices)
+    cudnn_autotune(devices)
     shapes = dtm_shapes(args.model, args.img_size)
 
     results, table = [], []
@@ -120,7 +122,8 @@ def main(argv=None) -> dict:
                         t.grad = None
 
                 fns[f"{kernel} fwd"], fns[f"{kernel} fwd+bwd"] = forward, forward_backward
-            times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup)
+            times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup,
+                                         calls_per_sample=calls_per_sample(device, args))
             ms = {k: errors.get(k) or 1e3 * statistics.median(times[k]) for k in fns}
             diff = (outputs["torchvision"] - outputs["resampled"]).abs().max().item()
             speedup = {what: (ms[f"torchvision {what}"] / ms[f"resampled {what}"]

@@ -41,8 +41,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    add_cpu_options, apply_cpu_options, fmt, free_memory, inference_fn, is_oom, machine_description,
-    markdown_table, matmul_peak_gflops, median_rate, resolve_devices, round_robin, train_step_fn,
+    add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, cudnn_autotune, fmt, free_memory,
+    inference_fn, is_oom, machine_description, markdown_table, matmul_peak_gflops, median_rate, resolve_devices,
+    round_robin, train_step_fn,
 )
 
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
@@ -86,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true",
                    help="also measure peak train (fwd + bwd) and test memory per model at the run's batch sizes")
     add_cpu_options(p)
+    add_gpu_options(p)
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long check: 64x64 input, batch 2, 1 round, CPU, models " + ",".join(SMOKE_MODELS))
     p.add_argument("--out-dir", default="outputs/benchmark_models")
@@ -203,7 +205,8 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=layout)
         set_deploy(m, x, deploy=not train)
         fns[name] = (train_step_fn if train else inference_fn)(m, x, amp_dtype)
-    times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds)
+    times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
+                                calls_per_sample=calls_per_sample(device, args))
     fns.clear()  # drops the optimizers' state before memory is measured
     rates = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
     memory = {}
@@ -223,6 +226,7 @@ def main(argv=None) -> dict:
 
     apply_cpu_options(args)
     devices = resolve_devices(args.devices)
+    cudnn_autotune(devices)
     names = expand_models(args.models, args.compile)
     if args.inductor_freezing:
         import torch._inductor.config as inductor_config
@@ -258,6 +262,8 @@ def main(argv=None) -> dict:
                 runs.append(("gpu_train", d, args.gpu_batch_size, amp, True))
     for key, d, batch, amp, train in runs:
         rates, memory = measure(models, d, batch, args, amp, train)
+        print(f"[{key}, batch {batch}] " + ", ".join(f"{n} {fmt(v, '.1f')} img/s" for n, v in rates.items()),
+              flush=True)  # progress: a run stopped later still leaves these
         for name, v in rates.items():
             rows[name][f"{key}_img_s"] = v
         for name, v in memory.items():
@@ -304,6 +310,8 @@ def main(argv=None) -> dict:
               f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}"
               + ("; channels-last" if args.channels_last else "")
               + ("; inductor freezing" if args.inductor_freezing else "")
+              + (f"; {calls_per_sample('cuda', args)} back-to-back calls per GPU sample"
+                 if any(d.type == "cuda" for d in devices) else "")
               + ("; FasterViT in deploy mode at inference" if any("faster_vit" in n for n in models) else "")
               + (f"; {peak_txt}" if peak_txt else "") + f"\n`{cmd}`")
     md = header + "\n\n" + markdown_table(headers, table)

@@ -385,3 +385,39 @@ def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path
     assert (tmp_path / "ablate_cpu_paths.md").read_text().startswith("litv2_s, CPU fp32 inference, batch 2")
     with pytest.raises(SystemExit, match="must be a LITv2 model"):
         load_script("ablate_cpu_paths.py")["main"](["--smoke", "--model", "resnet50", "--out-dir", str(tmp_path)])
+
+
+# ---- shared benchmark helpers --------------------------------------------------------------------------------
+
+def test_round_robin_times_back_to_back_calls_per_sample():
+    common = load_script("_bench_common.py")
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    times, errors = common["round_robin"]({n: make(n) for n in calls}, "cpu", rounds=3, warmup=1,
+                                          calls_per_sample=4)
+    assert not errors and calls == {"a": (1 + 3) * 4, "b": (1 + 3) * 4}  # warm-up samples too
+    assert all(len(t) == 3 for t in times.values())
+
+
+def test_gpu_calls_apply_to_gpu_samples_only_and_cudnn_autotune_to_cuda_runs():
+    import argparse
+
+    common = load_script("_bench_common.py")
+    parser = argparse.ArgumentParser()
+    common["add_gpu_options"](parser)
+    args = parser.parse_args(["--gpu-calls", "7"])
+    assert common["calls_per_sample"]("cuda", args) == 7 and common["calls_per_sample"]("cpu", args) == 1
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        common["cudnn_autotune"]([torch.device("cpu")])
+        assert torch.backends.cudnn.benchmark is False
+        common["cudnn_autotune"]([torch.device("cpu"), torch.device("cuda")])
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
