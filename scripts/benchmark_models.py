@@ -209,14 +209,21 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
                                 calls_per_sample=calls_per_sample(device, args))
     fns.clear()  # drops the optimizers' state before memory is measured
     rates = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
-    memory = {}
-    for name, m in models.items():
+    for m in models.values():
         m.zero_grad(set_to_none=True)
-        free_memory(device)
-        if args.memory:  # after the timing, so compiled models are compiled already
-            memory[name] = errors.get(name) or peak_memory_mb(m, device, batch, args, amp_dtype, train)
         m.eval().cpu()
     free_memory(device)
+    memory = {}
+    if args.memory:  # after the timing, so compiled models are compiled already
+        for name, m in models.items():  # one model on the device at a time: its peak holds no other's weights
+            if name in errors:
+                memory[name] = errors[name]
+                continue
+            m.to(device, memory_format=layout)
+            memory[name] = peak_memory_mb(m, device, batch, args, amp_dtype, train)
+            m.zero_grad(set_to_none=True)
+            m.eval().cpu()
+            free_memory(device)
     return rates, memory
 
 

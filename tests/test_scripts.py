@@ -303,6 +303,36 @@ def test_benchmark_models_channels_last_gives_every_model_channels_last_weights_
     assert "; channels-last" in capsys.readouterr().out
 
 
+def test_benchmark_models_measures_each_models_memory_alone_on_the_device(tmp_path, monkeypatch):
+    """GPU peak memory counts every tensor on the device: no other model's weights may be there meanwhile
+    (on an H100, LITv2-S's test memory read 1319 MiB measured first of five models, 988 MiB third of four).
+    Checked on CPU through the moves: ``.to(device)`` before a model's measurement, ``.cpu()`` after."""
+    names, last_move, seen = {}, {}, []
+
+    def watcher(name, model):
+        names[id(model)] = name
+        return lambda mod, inputs: None
+
+    watch_created_models(monkeypatch, watcher)
+    to, cpu = torch.nn.Module.to, torch.nn.Module.cpu
+
+    def record(kind, method):
+        def moved(self, *args, **kwargs):
+            if id(self) in names:
+                last_move[names[id(self)]] = kind
+            return method(self, *args, **kwargs)
+        return moved
+
+    monkeypatch.setattr(torch.nn.Module, "to", record("device", to))
+    monkeypatch.setattr(torch.nn.Module, "cpu", record("cpu", cpu))
+    script = load_script("benchmark_models.py")
+    script["main"].__globals__["peak_memory_mb"] = lambda m, *a: seen.append((names[id(m)], dict(last_move))) or 1.0
+    script["main"](["--smoke", "--no-peak", "--train", "--memory", "--models", "litv2_s,resnet18",
+                    "--out-dir", str(tmp_path)])
+    assert [name for name, _ in seen] == ["litv2_s", "resnet18"] * 2  # inference, then train
+    for name, moves in seen:
+        assert moves == {n: "device" if n == name else "cpu" for n in ("litv2_s", "resnet18")}
+
 def test_benchmark_models_compile_adds_a_compiled_row_per_model(tmp_path, monkeypatch):
     compile_, compiled = torch.compile, []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or compile_(model, **kw))
