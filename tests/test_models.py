@@ -322,6 +322,52 @@ def test_torch_compile_on_cpu_traces_the_fast_formulation(train):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_compile_without_the_cpu_fast_paths_still_traces_the_resampled_dtm(autocast):
+    """Compiled on a device without the CPU fast paths (a GPU; here CPU with them switched off), the DTM is
+    resample + conv, not torchvision's opaque op: inductor fuses the sampling (compiled LITv2-S bf16 batch 64
+    on an H100: 6569 -> 8606 img/s). Under autocast the sampling stays fp32 and the strided conv follows
+    autocast; eager keeps torchvision's op in fp32."""
+    import torch.nn.functional as F
+    from torchvision.ops import deform_conv2d
+
+    from litv2.models.layers import cpu_fast_paths
+
+    calls, strided = [], []  # (target, traced output) of every call; outputs of the convs of sampled maps
+
+    def capture(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                calls.append((n.target, n.meta.get("example_value")))
+                if n.target is F.conv2d and getattr(n.args[0], "target", None) is F.grid_sample:
+                    strided.append(n.meta.get("example_value"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    for m in model.modules():  # offsets off the pixel grid
+        if hasattr(m, "conv_offset"):
+            torch.nn.init.normal_(m.conv_offset.weight, std=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    previous = cpu_fast_paths()
+    try:
+        cpu_fast_paths(False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            eager = model(x)
+            out = torch.compile(model, backend=capture, dynamic=False)(x)
+    finally:
+        cpu_fast_paths(previous)
+        torch._dynamo.reset()
+    targets = [t for t, _ in calls]
+    assert F.grid_sample in targets and deform_conv2d not in targets and targets.count(F.linear) > 1
+    samples = [v for t, v in calls if t is F.grid_sample]
+    assert len(samples) == 3 and all(v.dtype == torch.float32 for v in samples)
+    assert len(strided) == 3 and all(v.dtype == (torch.bfloat16 if autocast else torch.float32) for v in strided)
+    tol = 0.05 if autocast else 1e-5
+    torch.testing.assert_close(out.float(), eager.float(), atol=tol, rtol=tol)
+
+
 def test_torch_export_gives_the_plain_model_not_the_cpu_formulation():
     """torch.export / ONNX export on CPU: linear layers and torchvision's deformable conv, as on any device."""
     torch.manual_seed(0)

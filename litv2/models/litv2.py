@@ -11,8 +11,9 @@ Architecture (supplementary Table I; names match the authors' released checkpoin
 
 ConvFFN = fc1 -> 3x3 depthwise conv (zero padding, bias) -> GELU -> fc2; there is no positional
 encoding. DTM = 2x2/2 deformable conv (``torchvision.ops.deform_conv2d``, offsets from a plain
-2x2/2 conv initialised to zero) -> BatchNorm2d -> GELU. (On CPU the deformable conv runs as
-bilinear resampling + a plain strided conv, see :func:`litv2.models.layers.deform_conv2d_resampled`.)
+2x2/2 conv initialised to zero) -> BatchNorm2d -> GELU. (On CPU, and under torch.compile on any
+device, the deformable conv runs as bilinear resampling + a plain strided conv, see
+:func:`litv2.models.layers.deform_conv2d_resampled`.)
 
 Activations are channels-last ``(B, H, W, C)`` inside the stages. A 2-D conv on the
 ``permute(0, 3, 1, 2)`` view of such a tensor runs in PyTorch's channels-last memory format, so the
@@ -33,7 +34,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from .hilo import HiLo
-from .layers import Linear, deform_conv2d_resampled, dwconv_gelu, inference_chunk
+from .layers import (Linear, deform_conv2d_resampled, dwconv_gelu, inference_chunk, resample_and_conv,
+                     resampled_dtm_ok)
 
 __all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint",
            "load_filtered_state_dict"]
@@ -95,7 +97,12 @@ class DeformConv2d(nn.Module):
         offset = self.conv_offset(x)
         if torch.is_autocast_enabled(x.device.type):
             # Bilinear sampling positions need fp32 (torchvision has no bf16/fp16 CPU kernel and casts
-            # to fp32 under CUDA autocast too): run the deformable conv in fp32, as torchvision does.
+            # to fp32 under CUDA autocast too). Compiled, the sampling runs in fp32 and the strided conv
+            # after it follows autocast like any conv; eager, the whole deformable conv runs in fp32,
+            # as torchvision does.
+            if torch.compiler.is_compiling() and resampled_dtm_ok(x):
+                return resample_and_conv(x.float(), offset.float(), self.weight, self.bias, self.stride,
+                                         self.padding)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return deform_conv2d_resampled(x.float(), offset.float(), self.weight.float(), self.bias.float(),
                                            self.stride, self.padding)
