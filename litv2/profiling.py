@@ -200,29 +200,41 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
     was_training = model.training
     model.train(train)
     grad_ctx = contextlib.nullcontext() if train else torch.inference_mode()
+
+    def step():
+        with grad_ctx, _autocast(device, amp_dtype):
+            out = model(x)
+            if train:
+                out.float().mean().backward()
+
     try:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            with grad_ctx, _autocast(device, amp_dtype):
-                out = model(x)
-                if train:
-                    out.float().mean().backward()
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-        else:
-            _malloc_trim()
-            with _PeakRSS() as sampler, grad_ctx, _autocast(device, amp_dtype):
-                out = model(x)
-                if train:
-                    out.float().mean().backward()
-            peak = sampler.growth
+        return peak_memory(step, device)
     finally:
         if train:
             model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return int(peak)
+
+
+def peak_memory(fn: Callable[[], object], device="cpu", above_current: bool = False) -> int:
+    """Peak memory (bytes) while ``fn()`` runs.
+
+    GPU: ``torch.cuda.max_memory_allocated``, i.e. everything on the device (weights included), or with
+    ``above_current`` only what ``fn`` adds above what was allocated when it started.
+    CPU: peak growth of resident memory during ``fn`` (after returning freed memory to the system).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device) if above_current else 0
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    _malloc_trim()
+    with _PeakRSS() as sampler:
+        fn()
+    return int(sampler.growth)
 
 
 def efficiency_report(model: nn.Module, img_size=224, device="cpu", batch_size: int = 64, runs: int = 30,

@@ -7,8 +7,12 @@
     python scripts/profile_model.py --model litv2_s --linear-kernel addmm      # compare CPU GEMM kernels
 
 Per-stage rows time each part of a LITv2 (patch embedding, the blocks of every stage, every DTM, the
-head) on the activations the previous part produced (median of ``--rounds``). The operator table is
-torch.profiler's self-time ranking over one full pass.
+head) on the activations the previous part produced (median of ``--rounds``); ``--memory`` adds each
+part's peak memory above what was allocated when it started (CUDA; on CPU the resident-memory growth).
+The operator table is torch.profiler's self-time ranking over one full pass. ``--compile`` times and
+profiles the full pass of ``torch.compile(model)`` (compiled before timing); the per-stage rows stay eager.
+
+    python scripts/profile_model.py --model litv2_s --device cuda --amp bf16 --batch-size 64 --compile --memory
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,22 +50,18 @@ def time_call(fn, rounds: int, sync) -> float:
     return statistics.median(times) * 1000
 
 
-def stage_breakdown(model, x, rounds: int, sync) -> list[tuple[str, float]]:
-    """(part, ms) for each part of a LITv2, each fed with the previous part's output."""
-    rows = []
+def stage_parts(model, x) -> list[tuple[str, Callable[[], object]]]:
+    """(part, call) for each part of a LITv2, each call fed with the previous part's output."""
+    parts = [("patch_embed", lambda: model.patch_embed(x))]
     h = model.patch_embed(x)
-    rows.append(("patch_embed", time_call(lambda: model.patch_embed(x), rounds, sync)))
     for i, stage in enumerate(model.layers):
-        inp = h
-        rows.append((f"stage{i + 1} blocks x{len(stage.blocks)}", time_call(lambda: stage.forward_blocks(inp), rounds, sync)))
-        h = stage.forward_blocks(inp)
+        parts.append((f"stage{i + 1} blocks x{len(stage.blocks)}", lambda s=stage, inp=h: s.forward_blocks(inp)))
+        h = stage.forward_blocks(h)
         if stage.downsample is not None:
-            blk_out = h
-            rows.append((f"stage{i + 1} -> {i + 2} DTM", time_call(lambda: stage.downsample(blk_out), rounds, sync)))
-            h = stage.downsample(blk_out)
-    feats = h
-    rows.append(("norm + pool + head", time_call(lambda: model.forward_head(model.norm(feats)), rounds, sync)))
-    return rows
+            parts.append((f"stage{i + 1} -> {i + 2} DTM", lambda s=stage, inp=h: s.downsample(inp)))
+            h = stage.downsample(h)
+    parts.append(("norm + pool + head", lambda feats=h: model.forward_head(model.norm(feats))))
+    return parts
 
 
 def main(argv=None) -> dict:
@@ -76,13 +77,16 @@ def main(argv=None) -> dict:
     p.add_argument("--linear-kernel", choices=["auto", "addmm"], default="auto",
                    help="auto: LITv2 uses its oneDNN CPU kernels (litv2.models.layers); addmm: plain F.linear/conv/GELU")
     p.add_argument("--row-limit", type=int, default=15)
+    p.add_argument("--memory", action="store_true", help="per-stage peak memory (MiB) next to the timings")
+    p.add_argument("--compile", action="store_true",
+                   help="time and profile the full pass under torch.compile(dynamic=False)")
     p.add_argument("--kwargs", default="", help="extra model kwargs, e.g. 'embed_dim=16,depths=[1,1,2,1]'")
     args = p.parse_args(argv)
 
     import timm
     import litv2  # noqa: F401  (registers the models)
     from litv2.models.layers import cpu_fast_paths
-    from litv2.profiling import count_flops
+    from litv2.profiling import count_flops, peak_memory
 
     apply_cpu_options(args)
     cpu_fast_paths(args.linear_kernel == "auto")
@@ -98,28 +102,38 @@ def main(argv=None) -> dict:
     autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     grad = contextlib.nullcontext() if args.train else torch.inference_mode()
 
+    run_model = torch.compile(model, dynamic=False) if args.compile else model
+
     def full_pass():
-        out = model(x)
+        out = run_model(x)
         if args.train:
             out.float().mean().backward()
 
     flops = count_flops(model, args.img_size)
     result = {"model": args.model, "gflops": flops / 1e9}
     with grad, autocast:
+        if args.compile:
+            full_pass()  # compiles; not timed
         total = time_call(full_pass, args.rounds, sync)
         result["total_ms"] = total
         result["img_per_s"] = args.batch_size / total * 1000
         print(f"{args.model}: batch {args.batch_size}, {args.img_size}px, {args.device}, {args.amp}, "
               f"{'train step' if args.train else 'inference'}, {torch.get_num_threads()} threads, "
-              f"linear kernel {args.linear_kernel}")
+              f"linear kernel {args.linear_kernel}{', compiled' if args.compile else ''}")
         print(f"full pass {total:.1f} ms = {result['img_per_s']:.2f} img/s; "
               f"{flops / 1e9:.3f} GFLOPs (MACs)/img -> {2 * flops * args.batch_size / total / 1e6:.1f} GFLOP/s achieved")
         if hasattr(model, "layers") and hasattr(model, "patch_embed") and not args.train:
-            rows = stage_breakdown(model, x, args.rounds, sync)
-            result["stages"] = dict(rows)
-            print("\n| part | ms | share |\n|---|---|---|")
-            for name, ms in rows:
-                print(f"| {name} | {ms:.1f} | {ms / total:.0%} |")
+            parts = stage_parts(model, x)
+            result["stages"] = {name: time_call(fn, args.rounds, sync) for name, fn in parts}
+            if args.memory:
+                result["stage_peak_mib"] = {name: peak_memory(fn, device, above_current=True) / 2 ** 20
+                                            for name, fn in parts}
+            eager = " (eager)" if args.compile else ""
+            print(f"\n| part{eager} | ms | share |" + (" peak MiB |" if args.memory else "")
+                  + "\n|---|---|---|" + ("---|" if args.memory else ""))
+            for name, ms in result["stages"].items():
+                mem = f" {result['stage_peak_mib'][name]:.1f} |" if args.memory else ""
+                print(f"| {name} | {ms:.1f} | {ms / total:.0%} |{mem}")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)

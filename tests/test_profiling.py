@@ -53,3 +53,26 @@ def test_profile_model_script_smoke():
                              "--kwargs", "embed_dim=16,depths=[1,1,2,1],num_heads=[1,2,4,8]"])
     assert result["img_per_s"] > 0
     assert {"patch_embed", "stage3 blocks x2", "stage1 -> 2 DTM"} <= set(result["stages"])
+
+
+def test_profile_model_memory_and_compile(monkeypatch, capsys):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
+    result = script["main"](["--batch-size", "2", "--img-size", "64", "--rounds", "1", "--row-limit", "3",
+                             "--memory", "--compile", "--kwargs", "embed_dim=16,depths=[1,1,2,1],num_heads=[1,2,4,8]"])
+    assert compiled == [{"dynamic": False}]
+    assert set(result["stage_peak_mib"]) == set(result["stages"]) and min(result["stage_peak_mib"].values()) >= 0
+    out = capsys.readouterr().out
+    assert ", compiled" in out and "| part (eager) | ms | share | peak MiB |" in out
+
+
+def test_peak_memory_sees_what_the_call_allocates():
+    from litv2.profiling import peak_memory
+
+    def allocate():
+        t = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        return int(t[::4096].sum())
+
+    assert peak_memory(allocate, "cpu") >= 48 << 20
+    assert peak_memory(lambda: None, "cpu") < 16 << 20
