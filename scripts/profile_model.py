@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     import timm
     import litv2  # noqa: F401  (registers the models)
     from litv2.models.layers import cpu_fast_paths
+    from litv2.models import LITv2
     from litv2.profiling import count_flops, peak_memory
 
     apply_cpu_options(args)
@@ -122,7 +123,13 @@ def main(argv=None) -> dict:
               f"linear kernel {args.linear_kernel}{', compiled' if args.compile else ''}")
         print(f"full pass {total:.1f} ms = {result['img_per_s']:.2f} img/s; "
               f"{flops / 1e9:.3f} GFLOPs (MACs)/img -> {2 * flops * args.batch_size / total / 1e6:.1f} GFLOP/s achieved")
-        if hasattr(model, "layers") and hasattr(model, "patch_embed") and not args.train:
+        if args.memory:
+            result["peak_mib"] = peak_memory(full_pass, device) / 2 ** 20
+            print(f"peak memory of the full pass: {result['peak_mib']:.1f} MiB "
+                  f"({'max allocated on the device' if device.type == 'cuda' else 'resident-memory growth'})")
+            if args.train:
+                model.zero_grad(set_to_none=True)
+        if isinstance(model, LITv2) and not args.train:
             parts = stage_parts(model, x)
             result["stages"] = {name: time_call(fn, args.rounds, sync) for name, fn in parts}
             if args.memory:

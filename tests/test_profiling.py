@@ -67,6 +67,14 @@ def test_profile_model_memory_and_compile(monkeypatch, capsys):
     assert ", compiled" in out and "| part (eager) | ms | share | peak MiB |" in out
 
 
+def test_profile_model_on_a_timm_model_gives_the_full_pass_and_its_memory():
+    script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
+    # Swin has `layers` and `patch_embed` too; the LITv2 stage rows must not be tried on it
+    result = script["main"](["--model", "swin_tiny_patch4_window7_224", "--batch-size", "1", "--rounds", "1",
+                             "--row-limit", "3", "--memory"])
+    assert result["img_per_s"] > 0 and result["peak_mib"] >= 0 and "stages" not in result
+
+
 def test_peak_memory_sees_what_the_call_allocates():
     from litv2.profiling import peak_memory
 
