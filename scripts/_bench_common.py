@@ -162,7 +162,7 @@ def add_gpu_options(parser) -> None:
 
 def calls_per_sample(device, args) -> int:
     """``args.gpu_calls`` on a GPU, 1 on CPU (a CPU call is synchronous: one call per sample loses nothing)."""
-    return max(1, args.gpu_calls) if torch.device(device).type == "cuda" else 1
+    return args.gpu_calls if torch.device(device).type == "cuda" else 1
 
 
 def apply_cpu_options(args) -> None:

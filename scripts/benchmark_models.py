@@ -220,9 +220,8 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
                 memory[name] = errors[name]
                 continue
             m.to(device, memory_format=layout)
-            memory[name] = peak_memory_mb(m, device, batch, args, amp_dtype, train)
-            m.zero_grad(set_to_none=True)
-            m.eval().cpu()
+            memory[name] = peak_memory_mb(m, device, batch, args, amp_dtype, train)  # leaves no gradients
+            m.cpu()
             free_memory(device)
     return rates, memory
 
