@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import add_cpu_options, apply_cpu_options  # noqa: E402
+from _bench_common import add_cpu_options, apply_cpu_options, cudnn_autotune  # noqa: E402
 
 
 def _timer(device: torch.device):
@@ -96,6 +96,7 @@ def main(argv=None) -> dict:
         k, v = item.split("=", 1)
         kwargs[k] = eval(v, {}, {})  # noqa: S307  (developer tool: literals like [1,1,2,1])
     device = torch.device(args.device)
+    cudnn_autotune([device])
     model = timm.create_model(args.model, **kwargs).to(device).train(args.train)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     sync = _timer(device)

@@ -49,10 +49,13 @@ def test_train_step_needs_more_memory_than_inference():
 
 def test_profile_model_script_smoke():
     script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
+    autotuned = []  # cuDNN autotuning is asked for the profiled device, as in the benchmark scripts
+    script["main"].__globals__["cudnn_autotune"] = autotuned.append
     result = script["main"](["--batch-size", "2", "--img-size", "64", "--rounds", "1", "--row-limit", "3",
                              "--kwargs", "embed_dim=16,depths=[1,1,2,1],num_heads=[1,2,4,8]"])
     assert result["img_per_s"] > 0
     assert {"patch_embed", "stage3 blocks x2", "stage1 -> 2 DTM"} <= set(result["stages"])
+    assert autotuned == [[torch.device("cpu")]]
 
 
 def test_profile_model_memory_and_compile(monkeypatch, capsys):
