@@ -122,3 +122,20 @@ def test_prepare_imagenet_val_from_the_devkit(tmp_path):
     (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n")
     short = subprocess.run(tool, capture_output=True, text=True, env=ENV)
     assert short.returncode == 1 and "the ground truth lists 2 images but the folder has 3" in short.stderr
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus(digits, monkeypatch, caplog):
+    from engine_utils import compose
+
+    from litv2.data import builder
+
+    monkeypatch.setattr(builder, "usable_cpus", lambda: 2)
+    cfg = compose(["data=digits", f"data.root={digits}", "data.num_workers=8"])
+    with caplog.at_level("WARNING"):
+        loader = builder.build_eval_loader(cfg.data, digits)
+    assert loader.num_workers == 2  # the imagenet preset's 8 on a 2-CPU machine
+    assert "data.num_workers=8 is more than the 2 CPUs" in caplog.text
+    cfg.data.num_workers = 1
+    caplog.clear()
+    assert builder.build_eval_loader(cfg.data, digits).num_workers == 1 and not caplog.text
+    assert builder.usable_cpus() >= 1

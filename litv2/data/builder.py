@@ -1,6 +1,8 @@
 """From the `data` and `aug` configs to datasets, timm transforms, loaders, Mixup and the loss."""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -11,6 +13,8 @@ from litv2.errors import UserError
 
 from .datasets import RobustImageFolder, SyntheticDataset, check_image_folder, collate_skip_corrupt, prepare_digits
 from .samplers import ResumableSampler, ShardSampler
+
+log = logging.getLogger(__name__)
 
 
 def dataset_root(data_cfg, splits=("train", "val")) -> Path | None:
@@ -60,8 +64,31 @@ def _ignore_stop_signals(_worker_id: int):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM or container CPU set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> int:
+    """``data.num_workers``, capped at the CPUs this process may use.
+
+    More workers than CPUs only compete with each other and the main process (torch warns about it);
+    the presets ask for 8, sized for GPU hosts, and the same command then also runs on a laptop. Data
+    order and augmentation depend on (seed, epoch, index) only, so the cap changes no result.
+    """
+    cpus = usable_cpus()
+    if requested > cpus:
+        log.warning("data.num_workers=%d is more than the %d CPUs this process can use; using %d workers",
+                    requested, cpus, cpus)
+        return cpus
+    return requested
+
+
 def _loader(data_cfg, dataset, sampler, drop_last: bool):
-    workers = int(data_cfg.num_workers)
+    workers = loader_workers(int(data_cfg.num_workers))
     return torch.utils.data.DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available(),
