@@ -191,6 +191,29 @@ def test_resume_2_plus_2_equals_4_bitwise(digits, tmp_path):
     assert len(straight) == 4 and resumed == straight[2:]  # same LR and loss at steps 3 and 4
 
 
+def test_a_training_step_reads_the_device_once_and_logs_the_clipped_norm(digits, tmp_path, monkeypatch):
+    """The loop itself waits for the device once per step (one ``tolist`` of the all-reduced stats); the
+    gradient norm stays a device tensor until it is logged, so the optimizer step queues without a sync."""
+    import sys
+
+    import litv2.engine.trainer as trainer
+
+    reads = {"item": 0, "tolist": 0}  # reads made by the training loop's own code
+    for name in reads:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            reads[_name] += sys._getframe(1).f_code.co_filename == trainer.__file__
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    train_in_process(["experiment=quickstart", f"data.root={digits}", "trainer.max_steps=4", "trainer.log_every=2",
+                      "optim.clip_grad=5.0", *FAST], tmp_path)
+    assert reads == {"item": 0, "tolist": 4}
+    norms = [r["train/grad_norm"] for r in metrics_rows(tmp_path, "train/grad_norm")]
+    assert len(norms) == 2 and all(np.isfinite(n) and n > 0 for n in norms)
+
+
 def _nan_after(step: int, monkeypatch):
     import litv2.engine.trainer as trainer
 

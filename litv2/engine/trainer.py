@@ -306,9 +306,10 @@ def train_one_epoch(cfg, train_model, model, ema, criterion, mixup_fn, optimizer
                              torch.tensor(float(stop.requested is not None), device=device),
                              torch.tensor(float(step_skipped), device=device)])
         all_reduce_sum(stats, info)
-        progress.skipped_images += int(stats[3].item())
-        loss_value = stats[0].item() / info.world_size
-        if stats[1].item() > 0:
+        loss_value, nonfinite, stop_requested, skipped = stats.tolist()  # the step's one device -> host sync
+        progress.skipped_images += int(skipped)
+        loss_value /= info.world_size
+        if nonfinite > 0:
             if t.on_nonfinite == "stop":
                 raise NonFiniteLoss(
                     f"non-finite loss ({loss_value}) at step {progress.global_step} (epoch {progress.epoch + 1}, "
@@ -318,7 +319,7 @@ def train_one_epoch(cfg, train_model, model, ema, criterion, mixup_fn, optimizer
             if info.is_main:
                 log.warning("non-finite loss at step %d: step skipped", progress.global_step)
             progress.skipped_steps += 1
-            grad_norm = float("nan")
+            grad_norm = None
         else:
             grad_norm = _optimizer_step(cfg, model, optimizer, scaler)
             if ema is not None:
@@ -332,12 +333,13 @@ def train_one_epoch(cfg, train_model, model, ema, criterion, mixup_fn, optimizer
             rate = window_images / max(time.time() - window_start, 1e-9)
             lr = optimizer.param_groups[0]["lr"]
             logger.log({"step": progress.global_step, "epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch,
-                        "train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+                        "train/loss": loss_value, "train/lr": lr,
+                        "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                         "train/images_per_s": rate, "train/skipped_images": progress.skipped_images})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             window_images, window_start = 0, time.time()
 
-        if stats[2].item() > 0:  # SIGTERM / SIGUSR1 on any rank: every rank saves and stops here
+        if stop_requested > 0:  # SIGTERM / SIGUSR1 on any rank: every rank saves and stops here
             save(ckpt.LAST, keep_previous=ckpt.PREV)
             bar.close()
             raise Preempted(stop.requested or signal.SIGTERM, progress.global_step, stop.previous.get(stop.requested))
@@ -347,11 +349,13 @@ def train_one_epoch(cfg, train_model, model, ema, criterion, mixup_fn, optimizer
     bar.close()
 
 
-def _optimizer_step(cfg, model, optimizer, scaler) -> float:
-    grad_norm = float("nan")
+def _optimizer_step(cfg, model, optimizer, scaler) -> torch.Tensor | None:
+    """Clip, step, zero the gradients; returns the gradient norm before clipping as a device tensor (read
+    only when logged, so the step queues without waiting for the GPU), or None without clipping."""
+    grad_norm = None
     if cfg.optim.clip_grad:
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
