@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from litv2.models.attentions import (
-    ATTENTION_CHOICES, CrossShapedWindowAttention, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention,
+    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention,
     MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv, SpatialReductionAttention, TokenAttention,
     WindowAttention, create_attention,
 )
@@ -316,6 +316,56 @@ def test_recursive_gated_conv_is_hornets_gnconv():
         RecursiveGatedConv(12, order=4)
 
 
+def _dat_nchw(m, x):
+    """DAT's deformable attention written as in its paper on NCHW maps: groups folded into the batch,
+    offsets from the queries, ``(b g) c h w`` sampling, explicit q k^T + sampled bias, softmax, attn v."""
+    B, H, W, C = x.shape
+    g, nh, hd, cg = m.groups, m.num_heads, m.head_dim, m.group_dim
+    nchw = x.permute(0, 3, 1, 2)
+    q = _conv1x1(nchw, m.proj_q)
+    off = F.conv2d(q.reshape(B * g, cg, H, W), m.offset_dwconv.weight, m.offset_dwconv.bias,
+                   padding=m.kernel_size // 2, groups=cg)
+    off = F.layer_norm(off.permute(0, 2, 3, 1), (cg,), m.offset_norm.weight, m.offset_norm.bias).permute(0, 3, 1, 2)
+    off = F.conv2d(F.gelu(off), m.offset_proj.weight[:, :, None, None])  # (B g, 2, H, W): dy, dx
+    off = off.tanh() * torch.tensor([1 / (H - 1), 1 / (W - 1)]).view(1, 2, 1, 1) * m.offset_range_factor
+    ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, H - 0.5, H), torch.linspace(0.5, W - 0.5, W), indexing="ij")
+    ref = torch.stack((ref_y / H * 2 - 1, ref_x / W * 2 - 1), -1)
+    pos = off.permute(0, 2, 3, 1) + ref
+    sampled = F.grid_sample(nchw.reshape(B * g, cg, H, W), pos[..., (1, 0)], mode="bilinear", align_corners=True)
+    sampled = sampled.reshape(B, C, 1, H * W)
+    k = _conv1x1(sampled, m.proj_k).reshape(B * nh, hd, H * W)
+    v = _conv1x1(sampled, m.proj_v).reshape(B * nh, hd, H * W)
+    attn = torch.einsum("bcm,bcn->bmn", q.reshape(B * nh, hd, H * W), k) * hd ** -0.5
+    disp = (ref.reshape(1, H * W, 1, 2) - pos.reshape(B * g, 1, H * W, 2)) * 0.5
+    table = m.rpe_table[None].expand(B, -1, -1, -1).reshape(B * g, nh // g, *m.rpe_table.shape[1:])
+    bias = F.grid_sample(table, disp[..., (1, 0)], mode="bilinear", align_corners=True)
+    attn = (attn + bias.reshape(B * nh, H * W, H * W)).softmax(-1)
+    out = torch.einsum("bmn,bcn->bcm", attn, v).reshape(B, C, H, W)
+    return _conv1x1(out, m.proj_out).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("size, groups, kernel", [((14, 14), 3, 5), ((9, 11), 2, 3)])
+def test_deformable_attention_is_dat(size, groups, kernel):
+    """Same output as the NCHW formulation, with real (non-zero, off-grid) offsets; gradients reach the
+    offset network through the sampling and the bias table."""
+    torch.manual_seed(0)
+    m = DeformableAttention(24, 6, map_size=size[0], groups=groups, kernel_size=kernel)
+    with torch.no_grad():
+        m.offset_proj.weight.mul_(20)  # offsets of about a grid cell, so sampling is off the grid
+        m.rpe_table.normal_()
+    x = torch.randn(2, *size, 24)
+    y = m(x)
+    torch.testing.assert_close(y, _dat_nchw(m, x), atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    for name in ("offset_dwconv.weight", "offset_norm.weight", "offset_proj.weight", "rpe_table", "proj_k.weight"):
+        assert m.get_parameter(name).grad.abs().sum() > 0, name
+    assert m.no_weight_decay() == {"rpe_table"}
+    with pytest.raises(ValueError, match="groups=4 must be >= 1 and divide num_heads=6"):
+        DeformableAttention(24, 6, groups=4)
+    with pytest.raises(ValueError, match="odd integer"):
+        DeformableAttention(24, 6, kernel_size=4)
+
+
 # ---- FLOPs / params: supplementary Table IV ------------------------------------------------------------
 
 TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 heads
@@ -328,6 +378,7 @@ TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 
     "Cross Window": (lambda: CrossShapedWindowAttention(768, 12, split_size=7), 2.37, 493.3),
     "VAN": (lambda: LargeKernelAttention(768), 1.83, 358.0),
     "HorNet": (lambda: RecursiveGatedConv(768, order=4), 2.23, 436.5),
+    "DAT": (lambda: DeformableAttention(768, 12, map_size=14, groups=3, kernel_size=5), 2.38, 528.7),
 }
 
 

@@ -29,8 +29,9 @@ Extra single-layer baselines for ``scripts/benchmark_attention.py``: :class:`Lin
 (Choromanski et al. 2021, FAVOR+ positive orthogonal random features, ``m = 256``),
 :class:`CrossShapedWindowAttention` (CSWin's stripes with LePE, Dong et al. 2022),
 :class:`LargeKernelAttention` (VAN's spatial attention, Guo et al. 2022), :class:`RecursiveGatedConv`
-(HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale) and :class:`TokenAttention` that adapts a
-token-sequence attention such as timm's XCiT ``XCA``.
+(HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale), :class:`DeformableAttention` (DAT, Xia et al.
+2022, DAT-T's 1/16-scale offset network) and :class:`TokenAttention` that adapts a token-sequence
+attention such as timm's XCiT ``XCA``.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ __all__ = [
     "MultiHeadSelfAttention", "SpatialReductionAttention", "WindowAttention",
     "LocallyGroupedAttention", "GlobalSubsampledAttention",
     "LinformerAttention", "PerformerAttention", "CrossShapedWindowAttention", "LargeKernelAttention",
-    "RecursiveGatedConv", "TokenAttention",
+    "RecursiveGatedConv", "DeformableAttention", "TokenAttention",
     "create_attention",
 ]
 
@@ -482,6 +483,98 @@ class RecursiveGatedConv(nn.Module):
         for pw, gate in zip(self.pws, gates[1:]):
             p = pw(p) * gate
         return self.proj_out(p)
+
+
+class DeformableAttention(nn.Module):
+    """DAT's deformable attention (Xia et al., "Vision Transformer with Deformable Attention", CVPR 2022).
+
+    Queries come from every position. Keys and values come from the input sampled at deformed points:
+    a reference grid (``H x W`` points, DAT's stride 1 at 1/16 scale) plus offsets that a light network
+    predicts from the queries, per group of ``dim / groups`` channels (shared weights across groups):
+    ``kernel_size`` depthwise conv, LayerNorm, GELU, 1x1 conv to 2 (no bias). Offsets are bounded by
+    ``tanh`` to ``offset_range_factor / (side - 1)`` in normalised coordinates. Each group's channels are
+    sampled bilinearly (``align_corners=True``, zeros outside) at its points. Attention adds a relative
+    position bias, a learned ``(heads, 2 * map_size - 1, 2 * map_size - 1)`` table sampled bilinearly at
+    half the normalised query-to-key displacement. The four projections are :class:`Linear` layers.
+
+    DAT-T's 1/16-scale stage uses ``groups = 3``, ``kernel_size = 5`` and ``offset_range_factor = 2``,
+    the defaults here. The bias table fits ``map_size``; other map sizes sample it at their own
+    displacements, because it is indexed in normalised coordinates.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 12, map_size: int = 14, groups: int = 3, kernel_size: int = 5,
+                 offset_range_factor: float = 2.0, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        if groups < 1 or num_heads % groups:
+            raise ValueError(f"groups={groups} must be >= 1 and divide num_heads={num_heads}")
+        if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got kernel_size={kernel_size}")
+        if int(map_size) != map_size or map_size < 1:
+            raise ValueError(f"map_size must be an integer >= 1, got map_size={map_size}")
+        self.dim, self.num_heads, self.groups = dim, num_heads, groups
+        self.group_dim = dim // groups
+        self.map_size, self.kernel_size = int(map_size), int(kernel_size)
+        self.offset_range_factor = offset_range_factor
+        self.attn_drop = attn_drop
+        self.proj_q = Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = Linear(dim, dim, bias=qkv_bias)
+        self.proj_out = Linear(dim, dim)
+        self.offset_dwconv = _depthwise(self.group_dim, self.kernel_size)
+        self.offset_norm = nn.LayerNorm(self.group_dim)
+        self.offset_act = nn.GELU()
+        self.offset_proj = Linear(self.group_dim, 2, bias=False)  # (dy, dx) per point
+        side = 2 * self.map_size - 1
+        self.rpe_table = nn.Parameter(torch.zeros(num_heads, side, side))
+        trunc_normal_(self.rpe_table, std=0.01)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.num_heads}, groups={self.groups}, kernel_size={self.kernel_size}, "
+                f"map_size={self.map_size}")
+
+    def no_weight_decay(self) -> set[str]:
+        return {"rpe_table"}
+
+    @staticmethod
+    def _reference(h: int, w: int, x: torch.Tensor) -> torch.Tensor:
+        """Pixel centres of an ``h x w`` grid in normalised ``(y, x)`` coordinates, ``(h, w, 2)``."""
+        ys = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5) * (2.0 / h) - 1
+        xs = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5) * (2.0 / w) - 1
+        return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1)
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B * groups, H, W, C / groups)``."""
+        B, H, W, _ = t.shape
+        return t.view(B, H, W, self.groups, self.group_dim).permute(0, 3, 1, 2, 4).reshape(-1, H, W, self.group_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        g, nh, hd = self.groups, self.num_heads, self.head_dim
+        q = self.proj_q(x)
+        off = self.offset_dwconv(self._grouped(q).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        off = self.offset_proj(self.offset_act(self.offset_norm(off)))  # (B*g, H, W, 2)
+        scale = off.new_tensor([1.0 / max(H - 1, 1), 1.0 / max(W - 1, 1)]) * self.offset_range_factor
+        pos = off.tanh() * scale + self._reference(H, W, x)  # (B*g, H, W, 2), (y, x)
+        sampled = F.grid_sample(self._grouped(x).permute(0, 3, 1, 2), pos.flip(-1), mode="bilinear",
+                                padding_mode="zeros", align_corners=True)  # (B*g, C/g, H, W)
+        sampled = sampled.view(B, g, self.group_dim, H * W).permute(0, 3, 1, 2).reshape(B, H * W, C)
+        k = self.proj_k(sampled).view(B, -1, nh, hd).transpose(1, 2)
+        v = self.proj_v(sampled).view(B, -1, nh, hd).transpose(1, 2)
+        q = q.view(B, H * W, nh, hd).transpose(1, 2)
+        # relative position bias at half the query -> key displacement, per group of heads
+        query_pos = self._reference(H, W, x).view(1, H * W, 1, 2)
+        displacement = (query_pos - pos.view(B * g, 1, H * W, 2)) * 0.5  # (B*g, HW queries, HW keys, 2)
+        table = self.rpe_table.to(x.dtype).view(1, g, nh // g, *self.rpe_table.shape[1:])
+        table = table.expand(B, -1, -1, -1, -1).reshape(B * g, nh // g, *self.rpe_table.shape[1:])
+        bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(B, nh, H * W, H * W),
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj_out(x))
 
 
 class TokenAttention(nn.Module):
