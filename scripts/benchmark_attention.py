@@ -6,9 +6,9 @@ dim 768 = 12 heads x 64, batch 64, every method with its own default at that sca
 s 2), MSA, SRA (PVT, sr 2), Local Window / Shifted Window (Swin, window 7, relative position bias),
 T-MSA (Twins: LSA window 7 and GSA sr 2, one row each), XCA (timm's XCiT layer), Linformer (k 256),
 Performer (FAVOR+, 256 features), Cross Window (CSWin, stripes of 7 with LePE), VAN (large kernel
-attention), HorNet (gnConv, order 4), DAT (deformable attention, DAT-T's 1/16-scale offset network:
-3 groups, 5x5 kernel). Params and FLOPs (fvcore, one image, MAC convention) are
-deterministic; throughput is measured round-robin over the methods (warm-up, several rounds, median).
+attention), HorNet (gnConv, order 4), Focal (Focal-T's two levels: window 7, expand 3, 3x3 pooled
+windows), DAT (deformable attention, DAT-T's 1/16-scale offset network: 3 groups, 5x5 kernel).
+Params and FLOPs (fvcore, one image, MAC convention) are deterministic; throughput is measured round-robin over the methods (warm-up, several rounds, median).
 
 ``--resolutions 224,448,...`` (Fig. 3) grows the map (side = resolution / 16) and reports FLOPs,
 throughput and peak train / test memory per method; a method that runs out of memory (or takes more than
@@ -44,9 +44,9 @@ from _bench_common import (  # noqa: E402
 )
 
 from litv2.models.attentions import (  # noqa: E402
-    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, LargeKernelAttention, LinformerAttention,
-    LocallyGroupedAttention, MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv, SpatialReductionAttention,
-    TokenAttention, WindowAttention,
+    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, FocalAttention, LargeKernelAttention,
+    LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv,
+    SpatialReductionAttention, TokenAttention, WindowAttention,
 )
 from litv2.models.hilo import HiLo  # noqa: E402
 from litv2.profiling import count_flops_module, count_params  # noqa: E402
@@ -56,7 +56,8 @@ FIG3_RESOLUTIONS = "224,320,448,512,640,768,896,1024"  # --resolutions fig3
 PAPER_TABLE_IV = {
     "MSA": (2.36, 521.4), "SRA": (4.72, 419.6), "Local Window": (2.36, 477.2), "Shifted Window": (2.36, 477.2),
     "XCA": (2.36, 481.7), "Linformer": (2.46, 616.6), "Performer": (2.36, 617.2), "VAN": (1.83, 358.0),
-    "HorNet": (2.23, 436.5), "Cross Window": (2.37, 493.3), "DAT": (2.38, 528.7), "HiLo": (2.20, 298.3),
+    "HorNet": (2.23, 436.5), "Cross Window": (2.37, 493.3), "Focal": (2.44, 526.9),
+    "DAT": (2.38, 528.7), "HiLo": (2.20, 298.3),
 }
 
 
@@ -81,6 +82,7 @@ def layer_methods(dim: int, heads: int) -> dict[str, tuple[str, Callable[[int], 
         "crosswin": ("Cross Window", lambda s: CrossShapedWindowAttention(dim, heads, split_size=7)),
         "van": ("VAN", lambda s: LargeKernelAttention(dim)),
         "hornet": ("HorNet", lambda s: RecursiveGatedConv(dim, order=4)),
+        "focal": ("Focal", lambda s: FocalAttention(dim, heads, window_size=7, expand_size=3, focal_window=3)),
         "dat": ("DAT", lambda s: DeformableAttention(dim, heads, map_size=s, groups=3, kernel_size=5)),
     }
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from litv2.models.attentions import (
-    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention,
+    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, FocalAttention, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention,
     MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv, SpatialReductionAttention, TokenAttention,
     WindowAttention, create_attention,
 )
@@ -316,6 +316,64 @@ def test_recursive_gated_conv_is_hornets_gnconv():
         RecursiveGatedConv(12, order=4)
 
 
+def _focal_rolled(m, x):
+    """Focal attention written as Focal does it: four torch.roll copies of k/v cut into windows, the
+    valid rolled tokens, pooled windows through qkv and F.unfold (zeros + -100 beyond the map), one
+    explicit softmax over [own, rolled, pooled] with the biases added slice by slice."""
+    B, H, W, C = x.shape
+    ws, e, fw, nh, hd = m.window_size, m.expand_size, m.focal_window, m.num_heads, m.head_dim
+    x = F.pad(x, (0, 0, 0, (-W) % ws, 0, (-H) % ws))
+    Hp, Wp = x.shape[1:3]
+    nwh, nww, area = Hp // ws, Wp // ws, ws * ws
+
+    def windows(t):  # (B, Hp, Wp, C) -> (B*nW, heads, area, hd)
+        t = t.view(B, nwh, ws, nww, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, area, nh, hd)
+        return t.transpose(1, 2)
+
+    q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).view(B, Hp, Wp, 3, C).unbind(3)
+    keys, values = [windows(k)], [windows(v)]
+    for t, out in ((k, keys), (v, values)):
+        rolled = [windows(torch.roll(t, shifts=s, dims=(1, 2))) for s in [(-e, -e), (-e, e), (e, -e), (e, e)]]
+        out.append(torch.cat(rolled, 2)[:, :, m.valid_ind_rolled])
+    pooled = m.pool(x.view(B, nwh, ws, nww, ws, C).permute(0, 1, 3, 5, 2, 4).reshape(B, nwh, nww, C, area))
+    qkv_p = F.linear(pooled.view(B, nwh, nww, C), m.qkv.weight, m.qkv.bias).view(B, nwh, nww, 3, C)
+    for i, out in ((1, keys), (2, values)):
+        unfolded = F.unfold(qkv_p[..., i, :].permute(0, 3, 1, 2), fw, padding=fw // 2)  # (B, C*fw*fw, nW)
+        unfolded = unfolded.view(B, nh, hd, fw * fw, nwh * nww).permute(0, 4, 1, 3, 2)
+        out.append(unfolded.reshape(-1, nh, fw * fw, hd))
+    inside = F.unfold(torch.ones(1, 1, nwh, nww), fw, padding=fw // 2)[0].t()  # (nW, fw*fw)
+    attn = (windows(q) * hd ** -0.5) @ torch.cat(keys, 2).transpose(-2, -1)
+    own = m.relative_position_bias_table[m.relative_position_index.flatten()].view(area, area, nh).permute(2, 0, 1)
+    n_rolled = m.valid_ind_rolled.numel()
+    attn[..., :area] += own
+    attn[..., area:area + n_rolled] += m.relative_position_bias_table_to_neighbors
+    pooled_bias = m.relative_position_bias_table_to_windows[:, m.relative_position_index_windows]
+    mask = (inside == 0).float() * -100.0
+    attn[..., area + n_rolled:] += pooled_bias + mask.repeat(B, 1)[:, None, None, :]
+    out = attn.softmax(-1) @ torch.cat(values, 2)  # (B*nW, heads, area, hd)
+    out = out.transpose(1, 2).reshape(B, nwh, nww, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    return F.linear(out[:, :H, :W], m.proj.weight, m.proj.bias)
+
+
+@pytest.mark.parametrize("size, window, expand, focal", [((14, 14), 7, 3, 3), ((9, 11), 4, 1, 3), ((12, 12), 3, 2, 5)])
+def test_focal_attention_is_focal(size, window, expand, focal):
+    """Same output as Focal's own formulation (rolled copies, unfolded pooled windows), border windows
+    wrapping around, pooled neighbours beyond the map masked; gradients reach every bias table."""
+    torch.manual_seed(0)
+    m = FocalAttention(24, 4, window_size=window, expand_size=expand, focal_window=focal)
+    with torch.no_grad():
+        m.pool.weight.normal_()
+    x = torch.randn(2, *size, 24)
+    y = m(x)
+    torch.testing.assert_close(y, _focal_rolled(m, x), atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    for name in m.no_weight_decay() | {"pool.weight"}:
+        assert m.get_parameter(name).grad.abs().sum() > 0, name
+    assert m.valid_ind_rolled.numel() == 4 * window ** 2 - 4 * (window - expand) ** 2
+    with pytest.raises(ValueError, match="expand_size < window_size"):
+        FocalAttention(24, 4, window_size=3, expand_size=3)
+
+
 def _dat_nchw(m, x):
     """DAT's deformable attention written as in its paper on NCHW maps: groups folded into the batch,
     offsets from the queries, ``(b g) c h w`` sampling, explicit q k^T + sampled bias, softmax, attn v."""
@@ -379,6 +437,7 @@ TABLE_IV = {  # name: (builder, params M, FLOPs M) for a 14x14 map, dim 768, 12 
     "VAN": (lambda: LargeKernelAttention(768), 1.83, 358.0),
     "HorNet": (lambda: RecursiveGatedConv(768, order=4), 2.23, 436.5),
     "DAT": (lambda: DeformableAttention(768, 12, map_size=14, groups=3, kernel_size=5), 2.38, 528.7),
+    "Focal": (lambda: FocalAttention(768, 12, window_size=7, expand_size=3, focal_window=3), 2.44, 526.9),
 }
 
 

@@ -40,7 +40,7 @@ def test_benchmark_attention_smoke_matches_table_iv(tmp_path):
     out = run_script("benchmark_attention.py", "--smoke", "--out-dir", str(tmp_path))
     res = json.loads((tmp_path / "attention_table.json").read_text())["results"]
     assert set(res) == {"hilo", "msa", "sra", "local", "shifted", "tmsa-lsa", "tmsa-gsa", "xca", "linformer",
-                        "performer", "crosswin", "van", "hornet", "dat"}
+                        "performer", "crosswin", "van", "hornet", "focal", "dat"}
     # the acceptance numbers: MSA 2.36 M / 521.4 M, HiLo 2.20 M / 298.3 M (exact layer counts below)
     assert (res["msa"]["params"], res["msa"]["flops"]) == (2_362_368, 521_428_992)
     assert (res["hilo"]["params"], res["hilo"]["flops"]) == (2_198_528, 298_296_320)

@@ -29,8 +29,9 @@ Extra single-layer baselines for ``scripts/benchmark_attention.py``: :class:`Lin
 (Choromanski et al. 2021, FAVOR+ positive orthogonal random features, ``m = 256``),
 :class:`CrossShapedWindowAttention` (CSWin's stripes with LePE, Dong et al. 2022),
 :class:`LargeKernelAttention` (VAN's spatial attention, Guo et al. 2022), :class:`RecursiveGatedConv`
-(HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale), :class:`DeformableAttention` (DAT, Xia et al.
-2022, DAT-T's 1/16-scale offset network) and :class:`TokenAttention` that adapts a token-sequence
+(HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale), :class:`FocalAttention` (Yang et al. 2021,
+Focal-T's two levels at 1/16 scale), :class:`DeformableAttention` (DAT, Xia et al. 2022, DAT-T's
+1/16-scale offset network) and :class:`TokenAttention` that adapts a token-sequence
 attention such as timm's XCiT ``XCA``.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ __all__ = [
     "MultiHeadSelfAttention", "SpatialReductionAttention", "WindowAttention",
     "LocallyGroupedAttention", "GlobalSubsampledAttention",
     "LinformerAttention", "PerformerAttention", "CrossShapedWindowAttention", "LargeKernelAttention",
-    "RecursiveGatedConv", "DeformableAttention", "TokenAttention",
+    "RecursiveGatedConv", "FocalAttention", "DeformableAttention", "TokenAttention",
     "create_attention",
 ]
 
@@ -483,6 +484,133 @@ class RecursiveGatedConv(nn.Module):
         for pw, gate in zip(self.pws, gates[1:]):
             p = pw(p) * gate
         return self.proj_out(p)
+
+
+class FocalAttention(nn.Module):
+    """Focal self-attention (Yang et al., "Focal Self-attention for Local-Global Interactions in Vision
+    Transformers", NeurIPS 2021) with two focal levels, as Focal-T uses it.
+
+    The map is split into ``window_size`` windows. Each window's queries attend to three sets of keys
+    and values, in one softmax:
+
+    * level 0, fine: the window's own tokens plus its surroundings, ``expand_size`` tokens beyond each
+      side. As in Focal, the surroundings are taken from the map rolled by ``expand_size`` in the four
+      diagonal directions, so a border window wraps around to the opposite side.
+    * level 1, coarse: every window pooled to one token by a learned linear map over its tokens (Focal's
+      ``fc`` pooling, initialised to the mean), projected by the same ``qkv``; a window attends to the
+      ``focal_window x focal_window`` pooled windows around it. Neighbours beyond the map are zeros, with
+      -100 added to their logits, as in Focal.
+    * relative position biases: Swin's table inside the window, a free bias per (query, surrounding
+      token) pair, and a table over the query-to-pooled-window offsets.
+
+    Focal-T's 1/16-scale stage uses window 7, ``expand_size = 3`` and ``focal_window = 3``, the defaults
+    here. Keys of all levels come from two gathers of the projected map; attention is one SDPA call with
+    the biases as its mask. Sides that ``window_size`` does not divide are zero-padded, as in Focal.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 12, window_size: int = 7, expand_size: int = 3,
+                 focal_window: int = 3, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        for name, value, low in (("window_size", window_size, 1), ("expand_size", expand_size, 1),
+                                 ("focal_window", focal_window, 1)):
+            if int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {name}={value}")
+        if expand_size >= window_size or focal_window % 2 == 0:
+            raise ValueError(f"need expand_size < window_size and an odd focal_window, got expand_size={expand_size}, "
+                             f"window_size={window_size}, focal_window={focal_window}")
+        self.dim, self.num_heads = dim, num_heads
+        ws, e, fw = int(window_size), int(expand_size), int(focal_window)
+        self.window_size, self.expand_size, self.focal_window = ws, e, fw
+        self.attn_drop = attn_drop
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
+        self.pool = nn.Linear(ws * ws, 1)  # Focal's "fc" window pooling, starts as the mean
+        nn.init.constant_(self.pool.weight, 1.0 / (ws * ws))
+        nn.init.zeros_(self.pool.bias)
+        # level 0: the window's tokens in the four rolled copies of the map, minus those inside the window
+        keep = torch.ones(4, ws, ws, dtype=torch.bool)
+        keep[0, :-e, :-e] = keep[1, :-e, e:] = keep[2, e:, :-e] = keep[3, e:, e:] = False
+        self.register_buffer("valid_ind_rolled", keep.flatten().nonzero().flatten(), persistent=False)
+        n_rolled = self.valid_ind_rolled.numel()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
+        self.relative_position_bias_table_to_neighbors = nn.Parameter(torch.zeros(1, num_heads, ws * ws, n_rolled))
+        self.relative_position_bias_table_to_windows = nn.Parameter(torch.zeros(num_heads, (ws + fw - 1) ** 2))
+        for table in (self.relative_position_bias_table, self.relative_position_bias_table_to_neighbors,
+                      self.relative_position_bias_table_to_windows):
+            trunc_normal_(table, std=0.02)
+        self.register_buffer("relative_position_index", _relative_position_index(ws, ws, ws), persistent=False)
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        pooled = torch.stack(torch.meshgrid(torch.arange(fw), torch.arange(fw), indexing="ij")).flatten(1) - fw // 2
+        rel = coords[:, :, None] - pooled[:, None, :] + fw // 2  # (2, ws*ws, fw*fw), in [0, ws + fw - 2]
+        self.register_buffer("relative_position_index_windows", rel[0] * (ws + fw - 1) + rel[1], persistent=False)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.num_heads}, window_size={self.window_size}, "
+                f"expand_size={self.expand_size}, focal_window={self.focal_window}")
+
+    def no_weight_decay(self) -> set[str]:
+        return {"relative_position_bias_table", "relative_position_bias_table_to_neighbors",
+                "relative_position_bias_table_to_windows"}
+
+    def _fine_index(self, hp: int, wp: int, device) -> torch.Tensor:
+        """``(nW, ws*ws + n_rolled)`` flat map positions of each window's own and rolled-surrounding tokens."""
+        ws, e = self.window_size, self.expand_size
+        rows = torch.arange(hp, device=device).view(hp // ws, 1, ws, 1)
+        cols = torch.arange(wp, device=device).view(1, wp // ws, 1, ws)
+        own = (rows * wp + cols).flatten(2)  # (nWh, nWw, ws*ws), window-major like Focal's partition
+        # torch.roll(t, (sy, sx)) puts t[p - s] at p; Focal's four rolls, in its order
+        shifts = torch.tensor([(-e, -e), (-e, e), (e, -e), (e, e)], device=device)
+        r = (rows.unsqueeze(0) - shifts[:, 0].view(4, 1, 1, 1, 1)) % hp
+        c = (cols.unsqueeze(0) - shifts[:, 1].view(4, 1, 1, 1, 1)) % wp
+        rolled = (r * wp + c).flatten(3).permute(1, 2, 0, 3).flatten(2)[..., self.valid_ind_rolled]
+        return torch.cat((own, rolled), -1).flatten(0, 1)
+
+    def _coarse_index(self, nwh: int, nww: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each window's ``fw x fw`` pooled neighbours as positions in the pooled map, ``(nW, fw*fw)``, and
+        whether each lies inside it."""
+        r = self.focal_window // 2
+        off = torch.arange(-r, r + 1, device=device)
+        rows = torch.arange(nwh, device=device).view(nwh, 1, 1, 1) + off.view(1, 1, -1, 1)
+        cols = torch.arange(nww, device=device).view(1, nww, 1, 1) + off.view(1, 1, 1, -1)
+        inside = ((rows >= 0) & (rows < nwh) & (cols >= 0) & (cols < nww)).flatten(2).flatten(0, 1)
+        index = (rows.clamp(0, nwh - 1) * nww + cols.clamp(0, nww - 1)).flatten(2).flatten(0, 1)
+        return index, inside
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        ws, nh, hd = self.window_size, self.num_heads, self.head_dim
+        pad_b, pad_r = (-H) % ws, (-W) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = H + pad_b, W + pad_r
+        nwh, nww, area = hp // ws, wp // ws, ws * ws
+        nw = nwh * nww
+        q, kv = self.qkv(x).view(B, hp * wp, 3, C).split((1, 2), dim=2)
+        fine = self._fine_index(hp, wp, x.device)  # (nW, area + n_rolled)
+        q = q[:, fine[:, :area]].view(B, nw, area, nh, hd)
+        kv_fine = kv[:, fine]  # (B, nW, area + n_rolled, 2, C)
+        # level 1: windows pooled by the learned linear map, through the same qkv. Focal projects the
+        # pooled queries too and drops them; so does this (4 tokens at 14x14, and Table IV's FLOPs count them)
+        windows = x.view(B, nwh, ws, nww, ws, C).permute(0, 1, 3, 5, 2, 4).reshape(B, nwh, nww, C, area)
+        kv_pooled = self.qkv(self.pool(windows).view(B, nwh, nww, C)).view(B, nw, 3, C)[:, :, 1:]
+        coarse, inside = self._coarse_index(nwh, nww, x.device)
+        kv_coarse = kv_pooled[:, coarse] * inside.view(1, nw, -1, 1, 1)  # zeros outside
+        k, v = torch.cat((kv_fine, kv_coarse), 2).view(B, nw, -1, 2, nh, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        # biases: in-window table, free bias to the surroundings, pooled-window table; -100 beyond the map
+        bias_own = self.relative_position_bias_table[self.relative_position_index.flatten()].view(area, area, nh)
+        bias_windows = self.relative_position_bias_table_to_windows[:, self.relative_position_index_windows]
+        mask = torch.cat((bias_own.permute(2, 0, 1).unsqueeze(0).expand(nw, -1, -1, -1),
+                          self.relative_position_bias_table_to_neighbors.expand(nw, -1, -1, -1),
+                          (bias_windows.unsqueeze(0) + (~inside).view(nw, 1, 1, -1) * -100.0)), -1)
+        out = F.scaled_dot_product_attention(q.transpose(2, 3), k, v, attn_mask=mask.to(q.dtype),
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.view(B, nwh, nww, nh, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, hp, wp, C)
+        if pad_b or pad_r:
+            out = out[:, :H, :W]
+        return self.proj_drop(self.proj(out))
 
 
 class DeformableAttention(nn.Module):
