@@ -8,7 +8,8 @@ T-MSA (Twins: LSA window 7 and GSA sr 2, one row each), XCA (timm's XCiT layer),
 Performer (FAVOR+, 256 features), Cross Window (CSWin, stripes of 7 with LePE), VAN (large kernel
 attention), HorNet (gnConv, order 4), Focal (Focal-T's two levels: window 7, expand 3, 3x3 pooled
 windows), DAT (deformable attention, DAT-T's 1/16-scale offset network: 3 groups, 5x5 kernel).
-Params and FLOPs (fvcore, one image, MAC convention) are deterministic; throughput is measured round-robin over the methods (warm-up, several rounds, median).
+Params and FLOPs (fvcore, one image, MAC convention) are deterministic; throughput is measured
+round-robin over the methods (warm-up, several rounds, median).
 
 ``--resolutions 224,448,...`` (Fig. 3) grows the map (side = resolution / 16) and reports FLOPs,
 throughput and peak train / test memory per method; a method that runs out of memory (or takes more than
