@@ -235,6 +235,70 @@ def test_grad_checkpointing_same_outputs_and_grads():
         torch.testing.assert_close(p.grad, g)
 
 
+def _gelu_outputs_alive_after_forward(model, x, monkeypatch):
+    """Run a training forward; return whether each ConvFFN's GELU output is still alive before backward
+    (None where ConvFFN kept it the plain way), and the output."""
+    import weakref
+
+    import litv2.models.litv2 as litv2_module
+
+    targets = []
+
+    class Recording(litv2_module.recompute_when_saved):
+        def __init__(self, target, remake):
+            targets.append(weakref.ref(target))
+            super().__init__(target, remake)
+
+    monkeypatch.setattr(litv2_module, "recompute_when_saved", Recording)
+    out = model(x)
+    return [t() is not None for t in targets], out
+
+
+@pytest.mark.parametrize("fast_paths, amp", [(True, False), (False, False), (True, True)])
+def test_convffn_recomputes_gelu_instead_of_keeping_it(fast_paths, amp, monkeypatch):
+    """With recompute_gelu (the default) no GELU output outlives the forward pass; outputs and gradients
+    are bitwise those of the plain model; activation checkpointing, no_grad and the flag turn it off."""
+    from litv2.models.layers import cpu_fast_paths
+
+    previous = cpu_fast_paths()
+    cpu_fast_paths(fast_paths)
+    try:
+        torch.manual_seed(0)
+        plain = LITv2(**TINY, recompute_gelu=False).train()
+        model = LITv2(**TINY).train()
+        model.load_state_dict(plain.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # fast paths: CPU 1x1 convs, else F.linear
+            alive, out = _gelu_outputs_alive_after_forward(model, x, monkeypatch)
+            ref = plain(x)
+        assert alive == [False] * sum(TINY["depths"])  # one per block, none kept
+        out.float().square().sum().backward()
+        ref.float().square().sum().backward()
+        assert torch.equal(out, ref)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+
+        model.set_grad_checkpointing(True)  # checkpointing recomputes whole blocks; ConvFFN stands aside
+        assert _gelu_outputs_alive_after_forward(model, x, monkeypatch)[0] == []
+        model.set_grad_checkpointing(False)
+        with torch.no_grad():
+            assert _gelu_outputs_alive_after_forward(model, x, monkeypatch)[0] == []
+        assert _gelu_outputs_alive_after_forward(plain, x, monkeypatch)[0] == []
+    finally:
+        cpu_fast_paths(previous)
+
+
+def test_recompute_when_saved_refuses_a_different_layout():
+    from litv2.models.layers import recompute_when_saved
+
+    y = torch.randn(4, 6, requires_grad=True)
+    g = F.gelu(y)
+    with recompute_when_saved(g, lambda: F.gelu(y).t().contiguous().t()):  # same values, other strides
+        out = g @ torch.randn(6, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="remade tensor has layout"):
+        out.sum().backward()
+
+
 def test_features_only_gives_four_scales():
     model = timm.create_model("litv2_s", features_only=True, embed_dim=16, num_heads=[1, 2, 4, 8]).eval()
     assert model.feature_info.channels() == [16, 32, 64, 128]

@@ -34,7 +34,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 __all__ = ["Linear", "cpu_fast_paths", "deform_conv2d_resampled", "dwconv_gelu", "inference_chunk",
-           "resample_and_conv", "resampled_dtm_ok"]
+           "recompute_when_saved", "resample_and_conv", "resampled_dtm_ok", "saved_tensor_hooks_active"]
 
 
 class _Flags:
@@ -129,6 +129,49 @@ def dwconv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if conv.stride == (1, 1) and conv.dilation == (1, 1):
         out = _inference_conv(x, conv, conv.weight, conv.bias, list(conv.padding), conv.groups, "gelu")
     return F.gelu(conv(x)) if out is None else out
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are already in place (activation checkpointing, CPU offloading): then
+    what autograd keeps is theirs to decide, and :class:`recompute_when_saved` stands aside."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+class recompute_when_saved(torch.autograd.graph.saved_tensors_hooks):
+    """Inside this context, autograd keeps no copy of ``target`` (or a view of it) for the backward pass:
+    it keeps ``remake`` and calls it when the backward pass needs the tensor.
+
+    For a cheap element-wise result whose input is kept anyway, e.g. ``GELU(y)`` feeding a linear layer
+    (GELU's own backward keeps ``y``): the linear layer's saved input then costs one GELU in backward
+    instead of a whole activation map of memory. ``remake()`` must return the tensor exactly as it was
+    (same values, same strides), which a deterministic element-wise op on the same input does. Other saved
+    tensors (weights, other inputs) are kept as usual.
+    """
+
+    def __init__(self, target: torch.Tensor, remake):
+        # the hooks must not hold ``target`` itself: autograd keeps them as long as the saved tensors
+        storage, dtype = target.untyped_storage().data_ptr(), target.dtype
+        layout = (target.shape, target.stride(), target.storage_offset())
+
+        def pack(t: torch.Tensor):
+            if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
+                return _Remake(remake, layout, (t.shape, t.stride(), t.storage_offset()))
+            return t
+
+        super().__init__(pack, lambda packed: packed() if isinstance(packed, _Remake) else packed)
+
+
+class _Remake:
+    def __init__(self, remake, layout, view):
+        self.remake, self.layout, self.view = remake, layout, view
+
+    def __call__(self) -> torch.Tensor:
+        full = self.remake()
+        if (full.shape, full.stride(), full.storage_offset()) != self.layout:
+            raise RuntimeError(f"recompute_when_saved: remade tensor has layout {full.shape, full.stride()}, "
+                               f"the saved one had {self.layout[:2]}")
+        return full.as_strided(*self.view)
 
 
 def _sampling_grid(offset: torch.Tensor, kh: int, kw: int, stride: int, padding: int, size_h: int,

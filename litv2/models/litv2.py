@@ -34,8 +34,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from .hilo import HiLo
-from .layers import (Linear, deform_conv2d_resampled, dwconv_gelu, inference_chunk, resample_and_conv,
-                     resampled_dtm_ok)
+from .layers import (Linear, deform_conv2d_resampled, dwconv_gelu, inference_chunk, recompute_when_saved,
+                     resample_and_conv, resampled_dtm_ok, saved_tensor_hooks_active)
 
 __all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint",
            "load_filtered_state_dict"]
@@ -56,17 +56,34 @@ class DWConv(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the paper's FFN with implicit zero-padding position)."""
+    """fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the paper's FFN with implicit zero-padding position).
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+    ``recompute_gelu``: in training, fc2 keeps no copy of its input ``GELU(y)`` for the backward pass; the
+    backward pass recomputes it from ``y``, which GELU's own backward keeps anyway. That saves one
+    hidden-width map per block (the widest activation) for one extra GELU in backward; the gradients are
+    bitwise the same. Not under ``torch.compile`` (inductor chooses what to recompute itself), tracing,
+    export or other saved-tensor hooks (activation checkpointing recomputes the whole block anyway), nor
+    with FFN dropout.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, recompute_gelu: bool = True):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)  # conv + GELU
         self.drop = nn.Dropout(drop)
         self.fc2 = Linear(hidden_features, in_features)
+        self.recompute_gelu = recompute_gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(self.fc1(x))
+        x = self.fc1(x)
+        if (self.recompute_gelu and self.drop.p == 0 and torch.is_grad_enabled() and x.requires_grad
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not torch.compiler.is_exporting() and not saved_tensor_hooks_active()):
+            y = self.dwconv.dwconv(x.permute(0, 3, 1, 2))
+            g = F.gelu(y)
+            with recompute_when_saved(g, lambda: F.gelu(y)):
+                return self.fc2(g.permute(0, 2, 3, 1))
+        x = self.dwconv(x)
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -129,7 +146,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  window_size: int = 0, alpha: float = 0.9, attention: str = "hilo", block_idx: int = 0,
-                 stage_idx: int | None = None, norm_layer=nn.LayerNorm):
+                 stage_idx: int | None = None, norm_layer=nn.LayerNorm, recompute_gelu: bool = True):
         super().__init__()
         self.has_attn = window_size != 0
         if self.has_attn:
@@ -144,7 +161,7 @@ class Block(nn.Module):
                                              attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop, recompute_gelu=recompute_gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_attn:
@@ -211,6 +228,9 @@ class LITv2(nn.Module):
         attention: ``"hilo"`` or an ablation alternative for the attention stages
             (``"msa"``, ``"sra"``, ``"wmsa"``, ``"tmsa"``; see :mod:`litv2.models.attentions`).
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth (linear rule).
+        recompute_gelu: in training, recompute each ConvFFN's GELU output in the backward pass instead of
+            keeping it (one hidden-width map per block less memory, bitwise the same gradients; see
+            :class:`ConvFFN`).
     """
 
     def __init__(
@@ -232,6 +252,7 @@ class LITv2(nn.Module):
         global_pool: str = "avg",
         patch_size: int = 4,
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        recompute_gelu: bool = True,
     ):
         super().__init__()
         depths = list(depths)
@@ -272,7 +293,8 @@ class LITv2(nn.Module):
                 dims[i], dims[i + 1] if i < n - 1 else None, depths[i], num_heads[i], local_ws[i],
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < n - 1,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                alpha=alphas[i], attention=attention, stage_idx=i, norm_layer=norm_layer))
+                alpha=alphas[i], attention=attention, stage_idx=i, norm_layer=norm_layer,
+                recompute_gelu=recompute_gelu))
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
             reduction *= 2
         self.norm = norm_layer(self.num_features)
