@@ -139,6 +139,8 @@ def build_model(name: str, img_size: int) -> nn.Module:
     """``timm.create_model(name, pretrained=False)``; non-224 inputs get the size-dependent kwargs.
 
     ``<litv2 name>@addmm`` builds that LITv2 with the plain ``F.linear`` kernel (see PlainLinearKernel);
+    ``<litv2 name>@keep-gelu`` builds it with ``recompute_gelu=False`` (its ConvFFNs keep their GELU
+    outputs for backward, as the authors' code does: the train memory / speed A/B of that option);
     ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``).
     """
     import timm
@@ -149,6 +151,11 @@ def build_model(name: str, img_size: int) -> nn.Module:
     if name.endswith("@addmm"):
         return PlainLinearKernel(build_model(name[:-len("@addmm")], img_size)).eval()
     kwargs = {}
+    if name.endswith("@keep-gelu"):
+        name = name[:-len("@keep-gelu")]
+        if not name.startswith("litv2"):
+            raise SystemExit(f"@keep-gelu applies to LITv2 models only, got {name!r}")
+        kwargs["recompute_gelu"] = False
     if name.startswith("faster_vit"):
         import fastervit  # noqa: F401  (registers faster_vit_* with timm)
         if img_size != 224:

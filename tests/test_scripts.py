@@ -451,3 +451,13 @@ def test_gpu_calls_apply_to_gpu_samples_only_and_cudnn_autotune_to_cuda_runs():
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def test_benchmark_models_keep_gelu_builds_litv2_without_the_gelu_recompute():
+    build = load_script("benchmark_models.py")["build_model"]
+    model = build("litv2_s@keep-gelu", 64)
+    ffns = [b.mlp for s in model.layers for b in s.blocks]
+    assert ffns and not any(f.recompute_gelu for f in ffns)
+    assert all(b.mlp.recompute_gelu for s in build("litv2_s", 64).layers for b in s.blocks)
+    with pytest.raises(SystemExit, match="LITv2 models only"):
+        build("resnet18@keep-gelu", 64)
