@@ -254,7 +254,7 @@ def _gelu_outputs_alive_after_forward(model, x, monkeypatch):
     return [t() is not None for t in targets], out
 
 
-@pytest.mark.parametrize("fast_paths, amp", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("fast_paths, amp", [(True, False), (False, False), (True, True), (False, True)])
 def test_convffn_recomputes_gelu_instead_of_keeping_it(fast_paths, amp, monkeypatch):
     """With recompute_gelu (the default) no GELU output outlives the forward pass; outputs and gradients
     are bitwise those of the plain model; activation checkpointing, no_grad and the flag turn it off."""
