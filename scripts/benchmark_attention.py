@@ -67,6 +67,12 @@ def _xca(dim: int, heads: int) -> nn.Module:
     return TokenAttention(XCA(dim, num_heads=heads, qkv_bias=True))
 
 
+def dat_groups(heads: int) -> int:
+    """DAT's offset groups for ``heads`` heads: 4 heads per group as DAT-T (3 groups of its 12 heads at
+    1/16 scale), or the nearest smaller count that divides ``heads``."""
+    return next(g for g in range(max(1, heads // 4), 0, -1) if heads % g == 0)
+
+
 def layer_methods(dim: int, heads: int) -> dict[str, tuple[str, Callable[[int], nn.Module]]]:
     """key -> (display name, builder(map side) -> module) for the single-layer benchmark."""
     return {
@@ -84,7 +90,7 @@ def layer_methods(dim: int, heads: int) -> dict[str, tuple[str, Callable[[int], 
         "van": ("VAN", lambda s: LargeKernelAttention(dim)),
         "hornet": ("HorNet", lambda s: RecursiveGatedConv(dim, order=4)),
         "focal": ("Focal", lambda s: FocalAttention(dim, heads, window_size=7, expand_size=3, focal_window=3)),
-        "dat": ("DAT", lambda s: DeformableAttention(dim, heads, map_size=s, groups=3, kernel_size=5)),
+        "dat": ("DAT", lambda s: DeformableAttention(dim, heads, map_size=s, groups=dat_groups(heads), kernel_size=5)),
     }
 
 

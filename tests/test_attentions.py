@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from litv2.models.attentions import (
-    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, FocalAttention, LargeKernelAttention, LinformerAttention, LocallyGroupedAttention,
-    MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv, SpatialReductionAttention, TokenAttention,
-    WindowAttention, create_attention,
+    ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, FocalAttention, LargeKernelAttention,
+    LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention, PerformerAttention, RecursiveGatedConv,
+    SpatialReductionAttention, TokenAttention, WindowAttention, create_attention,
 )
 
 DIM, HEADS = 48, 6

@@ -461,3 +461,10 @@ def test_benchmark_models_keep_gelu_builds_litv2_without_the_gelu_recompute():
     assert all(b.mlp.recompute_gelu for s in build("litv2_s", 64).layers for b in s.blocks)
     with pytest.raises(SystemExit, match="LITv2 models only"):
         build("resnet18@keep-gelu", 64)
+
+
+def test_benchmark_attention_dat_groups_divide_the_heads():
+    """DAT-T's 4 heads per offset group (3 groups at Table IV's 12 heads); any --heads gets a divisor."""
+    groups = load_script("benchmark_attention.py")["dat_groups"]
+    assert [groups(h) for h in (12, 24, 4, 6, 9, 1)] == [3, 6, 1, 1, 1, 1]
+    assert all(h % groups(h) == 0 for h in range(1, 40))
