@@ -699,3 +699,11 @@ def test_prune_intermediate_layers_keeps_requested_maps():
     for a, b in zip(full, pruned):
         torch.testing.assert_close(a, b)
     assert count_params(model) < count_params(LITv2(**TINY))
+
+
+def test_builds_on_the_meta_device():
+    """Deferred initialisation (FSDP, big-model loading): the model builds under ``torch.device("meta")``."""
+    with torch.device("meta"):
+        model = timm.create_model("litv2_s", num_classes=10)
+    assert all(p.is_meta for p in model.parameters())
+    assert count_params(model) == count_params(timm.create_model("litv2_s", num_classes=10))

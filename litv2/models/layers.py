@@ -154,8 +154,8 @@ class recompute_when_saved(torch.autograd.graph.saved_tensors_hooks):
         storage, dtype = target.untyped_storage().data_ptr(), target.dtype
         layout = (target.shape, target.stride(), target.storage_offset())
 
-        def pack(t: torch.Tensor):
-            if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
+        def pack(t: torch.Tensor):  # (a storage without data, e.g. on the meta device, is never matched)
+            if storage and t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
                 return _Remake(remake, layout, (t.shape, t.stride(), t.storage_offset()))
             return t
 

@@ -284,7 +284,7 @@ class LITv2(nn.Module):
 
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]  # also under a meta device
         self.layers = nn.ModuleList()
         self.feature_info = []
         reduction = patch_size
