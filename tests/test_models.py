@@ -288,6 +288,42 @@ def test_convffn_recomputes_gelu_instead_of_keeping_it(fast_paths, amp, monkeypa
         cpu_fast_paths(previous)
 
 
+def test_gelu_recompute_stands_aside_for_torch_func_and_disabled_hooks():
+    """torch.func transforms switch saved-tensor hooks off (per-sample gradients, Opacus): the plain path
+    runs there, with the same gradients as the model that keeps its GELU outputs."""
+    from torch.func import functional_call, grad
+
+    from litv2.models.litv2 import ConvFFN
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 8)
+    models = [ConvFFN(8, 32, recompute_gelu=flag).train() for flag in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    grads = []
+    for m in models:
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        grads.append(grad(lambda p: functional_call(m, p, (x,)).square().sum())(params))
+        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+            m(x).sum().backward()
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_recompute_when_saved_passes_tensor_subclasses_through():
+    """A saved weight that is a storage-less subclass (as DTensor or float8 weights) is kept as it is."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    from litv2.models.layers import recompute_when_saved
+
+    y = torch.randn(4, 6, requires_grad=True)
+    g = F.gelu(y)
+    w = torch.randn(3, 6)
+    w = two_tensor.TwoTensor(w, w.clone()).requires_grad_()
+    with recompute_when_saved(g, lambda: F.gelu(y)):
+        out = F.linear(g, w)
+    out.sum().backward()
+    assert y.grad is not None and w.grad is not None
+
+
 def test_recompute_when_saved_refuses_a_different_layout():
     from litv2.models.layers import recompute_when_saved
 

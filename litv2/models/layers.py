@@ -132,9 +132,14 @@ def dwconv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks are already in place (activation checkpointing, CPU offloading): then
-    what autograd keeps is theirs to decide, and :class:`recompute_when_saved` stands aside."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    """Whether saved-tensor hooks are already in place (activation checkpointing, CPU offloading) or switched
+    off (``torch.func`` transforms, ``disable_saved_tensors_hooks``): then what autograd keeps is not ours to
+    decide, and :class:`recompute_when_saved` stands aside."""
+    autograd = torch._C._autograd
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    if enabled is not None and not enabled():
+        return True
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
     return top is not None and top(False) is not None
 
 
@@ -154,8 +159,11 @@ class recompute_when_saved(torch.autograd.graph.saved_tensors_hooks):
         storage, dtype = target.untyped_storage().data_ptr(), target.dtype
         layout = (target.shape, target.stride(), target.storage_offset())
 
-        def pack(t: torch.Tensor):  # (a storage without data, e.g. on the meta device, is never matched)
-            if storage and t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
+        def pack(t: torch.Tensor):
+            # plain tensors only: subclasses (DTensor, float8 weights, ...) may have no storage to compare,
+            # and a storage without data (meta device) is never matched
+            if (storage and type(t) is torch.Tensor and t.dtype == dtype
+                    and t.untyped_storage().data_ptr() == storage):
                 return _Remake(remake, layout, (t.shape, t.stride(), t.storage_offset()))
             return t
 

@@ -62,8 +62,10 @@ class ConvFFN(nn.Module):
     backward pass recomputes it from ``y``, which GELU's own backward keeps anyway. That saves one
     hidden-width map per block (the widest activation) for one extra GELU in backward; the gradients are
     bitwise the same. Not under ``torch.compile`` (inductor chooses what to recompute itself), tracing,
-    export or other saved-tensor hooks (activation checkpointing recomputes the whole block anyway), nor
-    with FFN dropout.
+    export, other saved-tensor hooks (activation checkpointing recomputes the whole block anyway) or
+    hooks switched off (``torch.func``), nor for tensor subclasses or with FFN dropout. In this path the
+    depthwise ``Conv2d`` is called directly, so forward hooks on the ``DWConv`` wrapper do not run
+    (hooks on ``dwconv.dwconv`` do).
     """
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, recompute_gelu: bool = True):
@@ -77,6 +79,7 @@ class ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
         if (self.recompute_gelu and self.drop.p == 0 and torch.is_grad_enabled() and x.requires_grad
+                and type(x) is torch.Tensor
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and not torch.compiler.is_exporting() and not saved_tensor_hooks_active()):
             y = self.dwconv.dwconv(x.permute(0, 3, 1, 2))
