@@ -686,7 +686,8 @@ class DeformableAttention(nn.Module):
         off = self.offset_dwconv(self._grouped(q).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         off = self.offset_proj(self.offset_act(self.offset_norm(off)))  # (B*g, H, W, 2)
         scale = off.new_tensor([1.0 / max(H - 1, 1), 1.0 / max(W - 1, 1)]) * self.offset_range_factor
-        pos = off.tanh() * scale + self._reference(H, W, x)  # (B*g, H, W, 2), (y, x)
+        reference = self._reference(H, W, x)  # the reference points, also the query positions
+        pos = off.tanh() * scale + reference  # (B*g, H, W, 2), (y, x)
         sampled = F.grid_sample(self._grouped(x).permute(0, 3, 1, 2), pos.flip(-1), mode="bilinear",
                                 padding_mode="zeros", align_corners=True)  # (B*g, C/g, H, W)
         sampled = sampled.view(B, g, self.group_dim, H * W).permute(0, 3, 1, 2).reshape(B, H * W, C)
@@ -694,8 +695,7 @@ class DeformableAttention(nn.Module):
         v = self.proj_v(sampled).view(B, -1, nh, hd).transpose(1, 2)
         q = q.view(B, H * W, nh, hd).transpose(1, 2)
         # relative position bias at half the query -> key displacement, per group of heads
-        query_pos = self._reference(H, W, x).view(1, H * W, 1, 2)
-        displacement = (query_pos - pos.view(B * g, 1, H * W, 2)) * 0.5  # (B*g, HW queries, HW keys, 2)
+        displacement = (reference.view(1, H * W, 1, 2) - pos.view(B * g, 1, H * W, 2)) * 0.5  # (B*g, HW, HW, 2)
         table = self.rpe_table.to(x.dtype).view(1, g, nh // g, *self.rpe_table.shape[1:])
         table = table.expand(B, -1, -1, -1, -1).reshape(B * g, nh // g, *self.rpe_table.shape[1:])
         bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
