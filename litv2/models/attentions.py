@@ -31,7 +31,8 @@ Extra single-layer baselines for ``scripts/benchmark_attention.py``: :class:`Lin
 :class:`LargeKernelAttention` (VAN's spatial attention, Guo et al. 2022), :class:`RecursiveGatedConv`
 (HorNet's gnConv, Rao et al. 2022, order 4 at 1/16 scale), :class:`FocalAttention` (Yang et al. 2021,
 Focal-T's two levels at 1/16 scale), :class:`DeformableAttention` (DAT, Xia et al. 2022, DAT-T's
-1/16-scale offset network) and :class:`TokenAttention` that adapts a token-sequence
+1/16-scale offset network), :class:`QuadTreeAttention` (Tang et al. 2022, QuadTree-B's two levels, top 8)
+and :class:`TokenAttention` that adapts a token-sequence
 attention such as timm's XCiT ``XCA``.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ __all__ = [
     "MultiHeadSelfAttention", "SpatialReductionAttention", "WindowAttention",
     "LocallyGroupedAttention", "GlobalSubsampledAttention",
     "LinformerAttention", "PerformerAttention", "CrossShapedWindowAttention", "LargeKernelAttention",
-    "RecursiveGatedConv", "FocalAttention", "DeformableAttention", "TokenAttention",
+    "RecursiveGatedConv", "FocalAttention", "DeformableAttention", "QuadTreeAttention", "TokenAttention",
     "create_attention",
 ]
 
@@ -703,6 +704,112 @@ class DeformableAttention(nn.Module):
                                            dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj_out(x))
+
+
+class QuadTreeAttention(nn.Module):
+    """QuadTree attention, variant B (Tang et al., "QuadTree Attention for Vision Transformers", ICLR 2022),
+    as QuadTree-B uses it in its classification backbone.
+
+    Queries and keys form ``levels``-level pyramids by 2x2 average pooling; values by a learned branch
+    per level (GroupNorm(1), GELU, 2x2 stride-2 conv, GroupNorm(1), GELU, 1x1 conv). The coarsest level
+    is full attention. Each finer level attends only inside the quadtree: a query's four children at the
+    next finer level score the children of the ``topk`` keys its parent weighted most (``4 * topk``
+    candidates, one softmax over them), and keep their own ``topk`` for the level below. Every level's
+    message gets a locally-enhanced position term (3x3 depthwise conv of that level's values); the
+    messages are upsampled (nearest) to the input map and summed with learned softmax weights.
+
+    QuadTree-B's 1/16-scale stage uses two levels and ``topk = 8``, the defaults here. QuadTree runs the
+    fine levels in two CUDA kernels that gather the candidate keys and values; here they are
+    ``take_along_dim`` gathers followed by batched matmuls (SDPA at the finest level), with heads and
+    parent queries as batch dimensions. Sides not divisible by ``2 ** (levels - 1)`` are zero-padded
+    at the bottom/right (padded tokens take part as keys) and cropped afterwards. ``topk`` is clipped to
+    the candidates a level has.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 12, levels: int = 2, topk: int = 8, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        for name, value in (("levels", levels), ("topk", topk)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {name}={value}")
+        self.dim, self.num_heads, self.levels, self.topk = dim, num_heads, int(levels), int(topk)
+        self.attn_drop = attn_drop
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.value_branches = nn.ModuleList(
+            nn.Sequential(nn.GroupNorm(1, dim), nn.GELU(), nn.Conv2d(dim, dim, 2, stride=2),
+                          nn.GroupNorm(1, dim), nn.GELU(), nn.Conv2d(dim, dim, 1))
+            for _ in range(self.levels - 1))
+        self.lepe = nn.ModuleList(_depthwise(dim, 3) for _ in range(self.levels))  # finest level first
+        self.level_weight = nn.Parameter(torch.randn(self.levels))  # finest level first
+        self.proj = Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, levels={self.levels}, topk={self.topk}"
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, heads, h * w, head_dim)``."""
+        B, _, h, w = t.shape
+        return t.permute(0, 2, 3, 1).reshape(B, h * w, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        B, H, W, C = x.shape
+        nh, hd, n_lv = self.num_heads, self.head_dim, self.levels
+        step = 2 ** (n_lv - 1)
+        pad_b, pad_r = (-H) % step, (-W) % step
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        q, k, v = self.qkv(x).permute(0, 3, 1, 2).chunk(3, dim=1)  # NCHW views of the channels-last map
+        qs, ks, vs = [q], [k], [v]  # pyramids, finest first
+        for branch in self.value_branches:
+            qs.append(F.avg_pool2d(qs[-1], 2))
+            ks.append(F.avg_pool2d(ks[-1], 2))
+            vs.append(branch(vs[-1]))
+        sizes = [t.shape[-2:] for t in qs]
+        scale = hd ** -0.5
+        weight = self.level_weight.softmax(0)
+        out = None
+        for lv in range(n_lv - 1, -1, -1):  # coarsest first
+            h, w = sizes[lv]
+            ql, kl, vl = self._heads(qs[lv]), self._heads(ks[lv]), self._heads(vs[lv])
+            if lv == n_lv - 1:  # full attention; the parents' choice for the level below
+                attn = ((ql * scale) @ kl.transpose(-2, -1)).softmax(-1)
+                msg = F.dropout(attn, self.attn_drop, self.training) @ vl  # (B, nh, h*w, hd)
+                if lv:
+                    idx = attn.topk(min(self.topk, h * w), dim=-1).indices  # (B, nh, h*w, K)
+            else:  # each parent's four children score the children of the parent's top keys
+                hp, wp = h // 2, w // 2
+                r, c = (idx // wp) * 2, (idx % wp) * 2
+                cand = torch.stack([(r + i) * w + c + j for i in (0, 1) for j in (0, 1)], -1).flatten(-2)
+                kc = kl.take_along_dim(cand.flatten(2, 3).unsqueeze(-1), dim=2).view(*cand.shape, hd)
+                vc = vl.take_along_dim(cand.flatten(2, 3).unsqueeze(-1), dim=2).view(*cand.shape, hd)
+                children = ql.view(B, nh, hp, 2, wp, 2, hd).transpose(3, 4).reshape(B, nh, hp * wp, 4, hd)
+                if lv:
+                    attn = ((children * scale) @ kc.transpose(-2, -1)).softmax(-1)  # (B, nh, Np, 4, 4K)
+                    msg = F.dropout(attn, self.attn_drop, self.training) @ vc
+                    top = attn.topk(min(self.topk, cand.shape[-1]), dim=-1).indices
+                    idx = cand.unsqueeze(3).expand(-1, -1, -1, 4, -1).gather(-1, top)  # (B, nh, Np, 4, K)
+                    idx = idx.view(B, nh, hp, wp, 2, 2, -1).transpose(3, 4).reshape(B, nh, h * w, -1)
+                else:
+                    msg = F.scaled_dot_product_attention(children, kc, vc,
+                                                         dropout_p=self.attn_drop if self.training else 0.0)
+                msg = msg.view(B, nh, hp, wp, 2, 2, hd).transpose(3, 4)  # back to (row, col) order
+            msg = msg.reshape(B, nh, h, w, hd).permute(0, 2, 3, 1, 4).reshape(B, h, w, C)
+            msg = (msg + self.lepe[lv](vs[lv]).permute(0, 2, 3, 1)) * weight[lv]
+            if out is not None:  # nearest-upsample the coarser levels' sum
+                hc, wc = out.shape[1:3]
+                out = out.view(B, hc, 1, wc, 1, C).expand(-1, -1, 2, -1, 2, -1).reshape(B, h, w, C)
+                msg = out + msg
+            out = msg
+        if pad_b or pad_r:
+            out = out[:, :H, :W]
+        return self.proj_drop(self.proj(out))
 
 
 class TokenAttention(nn.Module):
