@@ -757,6 +757,13 @@ class QuadTreeAttention(nn.Module):
         B, _, h, w = t.shape
         return t.permute(0, 2, 3, 1).reshape(B, h * w, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B * heads, h/2 * w/2, 4, head_dim)``: each 2x2 block's four tokens together,
+        blocks in row-major order of the coarser level, tokens row-major inside a block."""
+        B, _, h, w = t.shape
+        t = t.reshape(B, self.num_heads, self.head_dim, h // 2, 2, w // 2, 2)
+        return t.permute(0, 1, 3, 5, 4, 6, 2).reshape(B * self.num_heads, (h // 2) * (w // 2), 4, self.head_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
@@ -771,41 +778,41 @@ class QuadTreeAttention(nn.Module):
             qs.append(F.avg_pool2d(qs[-1], 2))
             ks.append(F.avg_pool2d(ks[-1], 2))
             vs.append(branch(vs[-1]))
-        sizes = [t.shape[-2:] for t in qs]
         scale = hd ** -0.5
+        drop = self.attn_drop if self.training else 0.0
         weight = self.level_weight.softmax(0)
         out = None
         for lv in range(n_lv - 1, -1, -1):  # coarsest first
-            h, w = sizes[lv]
-            ql, kl, vl = self._heads(qs[lv]), self._heads(ks[lv]), self._heads(vs[lv])
-            if lv == n_lv - 1:  # full attention; the parents' choice for the level below
+            h, w = qs[lv].shape[-2:]
+            if lv == n_lv - 1:  # full attention; each query's top keys are its children's candidates below
+                ql, kl, vl = self._heads(qs[lv]), self._heads(ks[lv]), self._heads(vs[lv])
                 attn = ((ql * scale) @ kl.transpose(-2, -1)).softmax(-1)
-                msg = F.dropout(attn, self.attn_drop, self.training) @ vl  # (B, nh, h*w, hd)
+                msg = F.dropout(attn, drop, self.training) @ vl  # (B, nh, h*w, hd)
+                msg = msg.permute(0, 2, 1, 3).reshape(B, h, w, C)
                 if lv:
-                    idx = attn.topk(min(self.topk, h * w), dim=-1).indices  # (B, nh, h*w, K)
-            else:  # each parent's four children score the children of the parent's top keys
+                    idx = attn.topk(min(self.topk, h * w), dim=-1).indices.view(B * nh, h * w, -1)
+            else:  # a parent's four children attend to the 2x2 blocks under the parent's top keys
                 hp, wp = h // 2, w // 2
-                r, c = (idx // wp) * 2, (idx % wp) * 2
-                cand = torch.stack([(r + i) * w + c + j for i in (0, 1) for j in (0, 1)], -1).flatten(-2)
-                kc = kl.take_along_dim(cand.flatten(2, 3).unsqueeze(-1), dim=2).view(*cand.shape, hd)
-                vc = vl.take_along_dim(cand.flatten(2, 3).unsqueeze(-1), dim=2).view(*cand.shape, hd)
-                children = ql.view(B, nh, hp, 2, wp, 2, hd).transpose(3, 4).reshape(B, nh, hp * wp, 4, hd)
+                n_par, n_top = hp * wp, idx.shape[-1]
+                rows = (idx + torch.arange(B * nh, device=x.device).view(-1, 1, 1) * n_par).view(-1)
+                kc = self._blocks(ks[lv]).view(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
+                vc = self._blocks(vs[lv]).view(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
+                children = self._blocks(qs[lv])  # (B*nh, parents, 4, hd)
                 if lv:
-                    attn = ((children * scale) @ kc.transpose(-2, -1)).softmax(-1)  # (B, nh, Np, 4, 4K)
-                    msg = F.dropout(attn, self.attn_drop, self.training) @ vc
-                    top = attn.topk(min(self.topk, cand.shape[-1]), dim=-1).indices
-                    idx = cand.unsqueeze(3).expand(-1, -1, -1, 4, -1).gather(-1, top)  # (B, nh, Np, 4, K)
-                    idx = idx.view(B, nh, hp, wp, 2, 2, -1).transpose(3, 4).reshape(B, nh, h * w, -1)
+                    attn = ((children * scale) @ kc.transpose(-2, -1)).softmax(-1)  # (B*nh, parents, 4, 4K)
+                    msg = F.dropout(attn, drop, self.training) @ vc
+                    top = attn.topk(min(self.topk, 4 * n_top), dim=-1).indices  # candidate = 4 * key + child
+                    block = idx.unsqueeze(2).expand(-1, -1, 4, -1).gather(-1, top // 4)
+                    child = top % 4
+                    pos = ((block // wp) * 2 + child // 2) * w + (block % wp) * 2 + child % 2
+                    idx = pos.view(B * nh, hp, wp, 2, 2, -1).transpose(2, 3).reshape(B * nh, h * w, -1)
                 else:
-                    msg = F.scaled_dot_product_attention(children, kc, vc,
-                                                         dropout_p=self.attn_drop if self.training else 0.0)
-                msg = msg.view(B, nh, hp, wp, 2, 2, hd).transpose(3, 4)  # back to (row, col) order
-            msg = msg.reshape(B, nh, h, w, hd).permute(0, 2, 3, 1, 4).reshape(B, h, w, C)
+                    msg = F.scaled_dot_product_attention(children, kc, vc, dropout_p=drop)
+                msg = msg.view(B, nh, hp, wp, 2, 2, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, h, w, C)
             msg = (msg + self.lepe[lv](vs[lv]).permute(0, 2, 3, 1)) * weight[lv]
             if out is not None:  # nearest-upsample the coarser levels' sum
                 hc, wc = out.shape[1:3]
-                out = out.view(B, hc, 1, wc, 1, C).expand(-1, -1, 2, -1, 2, -1).reshape(B, h, w, C)
-                msg = out + msg
+                msg = msg + out.view(B, hc, 1, wc, 1, C).expand(-1, -1, 2, -1, 2, -1).reshape(B, h, w, C)
             out = msg
         if pad_b or pad_r:
             out = out[:, :H, :W]
