@@ -484,7 +484,7 @@ def _quadtree_reference(m, x):
     return F.linear(final.reshape(B, H, W, C), m.proj.weight, m.proj.bias)
 
 
-@pytest.mark.parametrize("size, levels, topk", [((14, 14), 2, 8), ((16, 8), 3, 4), ((6, 6), 2, 3)])
+@pytest.mark.parametrize("size, levels, topk", [((14, 14), 2, 8), ((16, 8), 3, 4), ((6, 6), 2, 3), ((4, 4), 3, 8)])
 def test_quadtree_attention_is_quadtree(size, levels, topk):
     """Same output as QuadTree-B's own formulation, an intermediate level (3 levels) and a non-square
     map included; gradients reach the value branches, LePE and level weights."""

@@ -795,8 +795,8 @@ class QuadTreeAttention(nn.Module):
                 hp, wp = h // 2, w // 2
                 n_par, n_top = hp * wp, idx.shape[-1]
                 rows = (idx + torch.arange(B * nh, device=x.device).view(-1, 1, 1) * n_par).view(-1)
-                kc = self._blocks(ks[lv]).view(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
-                vc = self._blocks(vs[lv]).view(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
+                kc = self._blocks(ks[lv]).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
+                vc = self._blocks(vs[lv]).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
                 children = self._blocks(qs[lv])  # (B*nh, parents, 4, hd)
                 if lv:
                     attn = ((children * scale) @ kc.transpose(-2, -1)).softmax(-1)  # (B*nh, parents, 4, 4K)
