@@ -508,6 +508,10 @@ def test_quadtree_attention_pads_odd_sides_and_checks_arguments():
     y = m(x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, _quadtree_reference(m, padded)[:, :7, :9], atol=1e-5, rtol=1e-5)
+    # one image whose two coarser levels are 2x2 and 1x1 (their block layouts need no copy)
+    m3 = QuadTreeAttention(24, 4, levels=3, topk=8).eval()
+    x3 = torch.randn(1, 4, 4, 24)
+    torch.testing.assert_close(m3(x3), _quadtree_reference(m3, x3), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="levels must be an integer >= 1"):
         QuadTreeAttention(24, 4, levels=0)
     with pytest.raises(ValueError, match="num_heads=5 must be >= 1 and divide dim=24"):
