@@ -37,6 +37,7 @@ attention such as timm's XCiT ``XCA``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -719,11 +720,16 @@ class QuadTreeAttention(nn.Module):
     messages are upsampled (nearest) to the input map and summed with learned softmax weights.
 
     QuadTree-B's 1/16-scale stage uses two levels and ``topk = 8``, the defaults here. QuadTree runs the
-    fine levels in two CUDA kernels that gather the candidate keys and values; here they are
-    ``take_along_dim`` gathers followed by batched matmuls (SDPA at the finest level), with heads and
-    parent queries as batch dimensions. Sides not divisible by ``2 ** (levels - 1)`` are zero-padded
-    at the bottom/right (padded tokens take part as keys) and cropped afterwards. ``topk`` is clipped to
-    the candidates a level has.
+    fine levels in two CUDA kernels that gather the candidate keys and values; here each parent's
+    ``topk`` 2x2 key and value blocks are gathered as contiguous rows (``index_select``) and attended
+    by batched matmuls (SDPA at the finest level), with heads and parents as batch dimensions. Sides not
+    divisible by ``2 ** (levels - 1)`` are zero-padded at the bottom/right (padded tokens take part as
+    keys) and cropped afterwards. ``topk`` is clipped to the candidates a level has.
+
+    Under autocast, the levels that pick top keys score in fp32, as QuadTree computes all its levels:
+    bf16 probabilities of about 1/49 cannot rank keys. ``attn_drop`` (QuadTree applies none) acts on
+    the weights after the top keys are picked. ``level_weight`` and ``lepe`` are indexed finest level
+    first (QuadTree's own modules go coarsest first).
     """
 
     def __init__(self, dim: int, num_heads: int = 12, levels: int = 2, topk: int = 8, qkv_bias: bool = True,
@@ -786,8 +792,11 @@ class QuadTreeAttention(nn.Module):
             h, w = qs[lv].shape[-2:]
             if lv == n_lv - 1:  # full attention; each query's top keys are its children's candidates below
                 ql, kl, vl = self._heads(qs[lv]), self._heads(ks[lv]), self._heads(vs[lv])
-                attn = ((ql * scale) @ kl.transpose(-2, -1)).softmax(-1)
-                msg = F.dropout(attn, drop, self.training) @ vl  # (B, nh, h*w, hd)
+                with torch.autocast(x.device.type, enabled=False) if lv else contextlib.nullcontext():
+                    if lv:  # scores that pick keys: fp32
+                        ql, kl, vl = ql.float(), kl.float(), vl.float()
+                    attn = ((ql * scale) @ kl.transpose(-2, -1)).softmax(-1)
+                    msg = (F.dropout(attn, drop, self.training) @ vl).to(vs[lv].dtype)  # (B, nh, h*w, hd)
                 msg = msg.permute(0, 2, 1, 3).reshape(B, h, w, C)
                 if lv:
                     idx = attn.topk(min(self.topk, h * w), dim=-1).indices.view(B * nh, h * w, -1)
@@ -798,9 +807,10 @@ class QuadTreeAttention(nn.Module):
                 kc = self._blocks(ks[lv]).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
                 vc = self._blocks(vs[lv]).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
                 children = self._blocks(qs[lv])  # (B*nh, parents, 4, hd)
-                if lv:
-                    attn = ((children * scale) @ kc.transpose(-2, -1)).softmax(-1)  # (B*nh, parents, 4, 4K)
-                    msg = F.dropout(attn, drop, self.training) @ vc
+                if lv:  # scores that pick keys: fp32
+                    with torch.autocast(x.device.type, enabled=False):
+                        attn = ((children.float() * scale) @ kc.float().transpose(-2, -1)).softmax(-1)
+                        msg = (F.dropout(attn, drop, self.training) @ vc.float()).to(vc.dtype)  # (B*nh, parents, 4, hd)
                     top = attn.topk(min(self.topk, 4 * n_top), dim=-1).indices  # candidate = 4 * key + child
                     block = idx.unsqueeze(2).expand(-1, -1, 4, -1).gather(-1, top // 4)
                     child = top % 4
@@ -810,9 +820,9 @@ class QuadTreeAttention(nn.Module):
                     msg = F.scaled_dot_product_attention(children, kc, vc, dropout_p=drop)
                 msg = msg.view(B, nh, hp, wp, 2, 2, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, h, w, C)
             msg = (msg + self.lepe[lv](vs[lv]).permute(0, 2, 3, 1)) * weight[lv]
-            if out is not None:  # nearest-upsample the coarser levels' sum
+            if out is not None:  # nearest-upsample the coarser levels' sum (a broadcast add)
                 hc, wc = out.shape[1:3]
-                msg = msg + out.view(B, hc, 1, wc, 1, C).expand(-1, -1, 2, -1, 2, -1).reshape(B, h, w, C)
+                msg = (msg.view(B, hc, 2, wc, 2, C) + out.view(B, hc, 1, wc, 1, C)).view(B, h, w, C)
             out = msg
         if pad_b or pad_r:
             out = out[:, :H, :W]
