@@ -64,8 +64,9 @@ PAPER_TABLE_IV = {
 # Rows whose Table IV FLOPs leave out work the layer does (footnotes under the table).
 PAPER_FLOPS_NOTES = {
     "QuadTree": "Table IV's FLOPs leave out QuadTree's fine level, which it runs in two CUDA kernels fvcore "
-                "does not trace: 196 queries x 32 candidate keys x 768 channels for the scores and as many "
-                "for the values, 9.6 M. This layer runs them as matmuls, and its count includes them.",
+                "does not trace (inferred: the count without it matches to the digit): 196 queries x 32 "
+                "candidate keys x 768 channels for the scores and as many for the values, 9.6 M. This layer "
+                "runs them as matmuls, and its count includes them.",
 }
 
 
@@ -381,8 +382,11 @@ def plot_resolutions(results: dict, args, device: torch.device, path: Path) -> N
     if not args.no_memory:
         panels += [("train_mem_mb", "Train memory (MB)", 1.0), ("test_mem_mb", "Test memory (MB)", 1.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    # one colour per method while tab10 lasts, then dashed lines with square markers (16 methods)
+    styles = [dict(color=plt.get_cmap("tab10")(i % 10), ls="-" if i < 10 else "--", marker="o" if i < 10 else "s")
+              for i in range(len(results))]
     for ax, (field, title, scale) in zip(axes[0], panels):
-        for r in results.values():
+        for r, style in zip(results.values(), styles):
             xs, ys, crosses = [], [], []
             for p in r["points"]:
                 v = p.get(field)
@@ -391,8 +395,7 @@ def plot_resolutions(results: dict, args, device: torch.device, path: Path) -> N
                 elif isinstance(v, (int, float)):
                     xs.append(p["res"])
                     ys.append(v / scale)
-            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=r["name"],
-                              lw=2.5 if r["name"].endswith("HiLo") else 1.2)
+            ax.plot(xs, ys, ms=3, label=r["name"], lw=2.5 if r["name"].endswith("HiLo") else 1.2, **style)
             for c in crosses:  # the paper's black cross for out-of-memory
                 ax.plot([c], [ys[-1] if ys else 0.0], marker="x", color="black", ms=9, mew=2)
         ax.set_title(title)
