@@ -8,8 +8,11 @@ handles below count them as the explicit ``q @ k^T``, ``attn @ v`` and a dense c
 so a fused kernel reports the same FLOPs as the naive formulation in the supplementary (Sec. B).
 
 Throughput follows the paper's protocol (batch 64, 224x224, warm-up, mean over 30 timed runs).
-Memory is ``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the peak growth of the process'
-resident memory during one step, sampled by a background thread.
+Memory is ``torch.cuda.max_memory_allocated`` on GPU. On CPU, PyTorch keeps no allocator statistics, so
+it is the peak of the bytes of live tensors allocated during one step, from ``torch.profiler``'s
+allocation records (exact and independent of the C allocator, like CUDA's figure above the weights);
+where the profiler cannot run (another profiler is active), the peak growth of the process' resident
+memory, sampled by a background thread, which also counts heap fragmentation.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torch import nn
 
 __all__ = [
     "count_params", "count_flops", "count_flops_module", "flop_handles", "measure_throughput",
-    "measure_memory", "efficiency_report",
+    "measure_memory", "peak_memory", "cpu_live_peak", "efficiency_report",
 ]
 
 
@@ -190,7 +193,8 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
     """Peak memory (bytes) of one train step (forward + backward) or one inference forward.
 
     GPU: ``torch.cuda.max_memory_allocated`` over the step (weights included, as the paper reports).
-    CPU: peak growth of resident memory during the step (activations, gradients, workspace).
+    CPU: peak of the live tensor bytes the step allocates (activations, gradients, workspace), see
+    :func:`peak_memory`.
     """
     device = torch.device(device)
     h, w = _img_hw(img_size)
@@ -215,12 +219,42 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
         model.train(was_training)
 
 
+def cpu_live_peak(fn: Callable[[], object]) -> int | None:
+    """Peak growth (bytes) of live CPU tensor memory while ``fn()`` runs: every allocation minus every
+    free, in order, as ``torch.profiler`` records them (``profile_memory=True``). ``None`` if the
+    profiler cannot run here (e.g. inside another profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # nesting would end the user's session
+        return None
+    try:
+        from torch.profiler._memory_profiler import Action, MemoryProfile
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        prof.__enter__()
+    except Exception:  # noqa: BLE001 - profiler busy or its memory API moved: caller falls back
+        return None
+    try:
+        fn()
+    finally:
+        prof.__exit__(None, None, None)
+    current = peak = 0
+    for _, action, key, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if key is None or key[0].device.type != "cpu":
+            continue
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
 def peak_memory(fn: Callable[[], object], device="cpu", above_current: bool = False) -> int:
     """Peak memory (bytes) while ``fn()`` runs.
 
     GPU: ``torch.cuda.max_memory_allocated``, i.e. everything on the device (weights included), or with
     ``above_current`` only what ``fn`` adds above what was allocated when it started.
-    CPU: peak growth of resident memory during ``fn`` (after returning freed memory to the system).
+    CPU: what ``fn`` adds, always: the peak of live tensor bytes allocated during ``fn``
+    (:func:`cpu_live_peak`), or, if the profiler cannot run, the peak growth of resident memory.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -231,6 +265,9 @@ def peak_memory(fn: Callable[[], object], device="cpu", above_current: bool = Fa
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
+    live = cpu_live_peak(fn)
+    if live is not None:
+        return live
     _malloc_trim()
     with _PeakRSS() as sampler:
         fn()

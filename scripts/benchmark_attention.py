@@ -51,7 +51,7 @@ from litv2.models.attentions import (  # noqa: E402
     RecursiveGatedConv, SpatialReductionAttention, TokenAttention, WindowAttention,
 )
 from litv2.models.hilo import HiLo  # noqa: E402
-from litv2.profiling import count_flops_module, count_params  # noqa: E402
+from litv2.profiling import count_flops_module, count_params, peak_memory  # noqa: E402
 
 FIG3_RESOLUTIONS = "224,320,448,512,640,768,896,1024"  # --resolutions fig3
 # Supplementary Table IV (params M, FLOPs M) for the rows this script reproduces.
@@ -179,7 +179,8 @@ def make_input(args, size: int, batch: int, device) -> torch.Tensor:
 
 
 def peak_memory_mb(module: nn.Module, x: torch.Tensor, train: bool, amp: bool) -> float | str:
-    """Peak memory of one forward (test) or forward + backward (train): CUDA max allocated, CPU RSS growth."""
+    """Peak memory of one forward (test) or forward + backward (train): CUDA max allocated, CPU peak of
+    the live tensor bytes the pass allocates (:func:`litv2.profiling.peak_memory`)."""
     device = x.device
     module.train(train)
     ctx = contextlib.nullcontext() if train else torch.inference_mode()
@@ -193,16 +194,13 @@ def peak_memory_mb(module: nn.Module, x: torch.Tensor, train: bool, amp: bool) -
                     out.float().mean().backward()
             sync(device)
             return torch.cuda.max_memory_allocated(device) / 2 ** 20
-        try:
-            from litv2.profiling import _malloc_trim, _PeakRSS
-        except ImportError:  # pragma: no cover - profiling API changed
-            return None
-        _malloc_trim()
-        with _PeakRSS() as sampler, ctx:
-            out = module(x)
-            if train:
-                out.float().mean().backward()
-        return sampler.growth / 2 ** 20
+        def step():
+            with ctx:
+                out = module(x)
+                if train:
+                    out.float().mean().backward()
+
+        return peak_memory(step, device) / 2 ** 20
     except Exception as e:  # noqa: BLE001
         if not is_oom(e):
             raise

@@ -8,7 +8,8 @@
 
 Per-stage rows time each part of a LITv2 (patch embedding, the blocks of every stage, every DTM, the
 head) on the activations the previous part produced (median of ``--rounds``); ``--memory`` adds each
-part's peak memory above what was allocated when it started (CUDA; on CPU the resident-memory growth).
+part's peak memory above what was allocated when it started (CUDA max allocated; on CPU the peak of the
+live tensor bytes it allocates).
 The operator table is torch.profiler's self-time ranking over one full pass. ``--compile`` times and
 profiles the full pass of ``torch.compile(model)`` (compiled before timing); the per-stage rows stay eager.
 
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
         if args.memory:
             result["peak_mib"] = peak_memory(full_pass, device) / 2 ** 20
             print(f"peak memory of the full pass: {result['peak_mib']:.1f} MiB "
-                  f"({'max allocated on the device' if device.type == 'cuda' else 'resident-memory growth'})")
+                  f"({'max allocated on the device' if device.type == 'cuda' else 'live tensors allocated'})")
             if args.train:
                 model.zero_grad(set_to_none=True)
         if isinstance(model, LITv2) and not args.train:

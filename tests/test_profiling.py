@@ -47,6 +47,42 @@ def test_train_step_needs_more_memory_than_inference():
     assert all(p.grad is None for p in model.parameters())  # no gradients left behind
 
 
+def test_cpu_peak_memory_is_the_peak_of_live_tensors():
+    """Exact bytes, independent of the C allocator: 10 MiB + 5 MiB alive together, then 8 MiB alone."""
+    from torch.profiler import profile
+
+    from litv2.profiling import cpu_live_peak, peak_memory
+
+    def fn():
+        a = torch.empty(10 * 2 ** 20, dtype=torch.uint8)
+        b = torch.empty(5 * 2 ** 20, dtype=torch.uint8)
+        del a, b
+        return torch.empty(8 * 2 ** 20, dtype=torch.uint8)
+
+    assert cpu_live_peak(fn) == peak_memory(fn) == 15 * 2 ** 20
+    with profile() as prof:  # inside the user's profiler: no nested session (it would end theirs)
+        assert cpu_live_peak(fn) is None
+        assert peak_memory(fn) >= 0  # resident-memory fallback
+        torch.ones(3).sum()
+    assert any(e.key == "aten::sum" for e in prof.key_averages())
+
+
+def test_cpu_train_memory_is_repeatable_and_sees_the_gelu_recompute():
+    """The CPU figure is the same on every call, and the GELU recompute shows as (most of) one fp32
+    hidden map per block less at the peak."""
+    torch.manual_seed(0)
+    cfg = dict(TINY, embed_dim=32)
+    plain, model = LITv2(**cfg, recompute_gelu=False), LITv2(**cfg)
+    first = measure_memory(model, batch_size=8, img_size=128, train=True)
+    assert measure_memory(model, batch_size=8, img_size=128, train=True) == first
+    side, width, gelu_maps = 128 // 4, 32, 0
+    for depth in cfg["depths"]:  # one (8, side, side, 4 * width) fp32 map per block
+        gelu_maps += depth * 8 * side * side * 4 * width * 4
+        side, width = side // 2, width * 2
+    saved = measure_memory(plain, batch_size=8, img_size=128, train=True) - first
+    assert 0.9 * gelu_maps <= saved <= gelu_maps, (saved, gelu_maps)
+
+
 def test_profile_model_script_smoke():
     script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
     autotuned = []  # cuDNN autotuning is asked for the profiled device, as in the benchmark scripts
