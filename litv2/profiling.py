@@ -220,9 +220,10 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
 
 
 def cpu_live_peak(fn: Callable[[], object]) -> int | None:
-    """Peak growth (bytes) of live CPU tensor memory while ``fn()`` runs: every allocation minus every
-    free, in order, as ``torch.profiler`` records them (``profile_memory=True``). ``None`` if the
-    profiler cannot run here (e.g. inside another profiler)."""
+    """Peak bytes of CPU tensor memory allocated while ``fn()`` runs and not yet freed: the running sum
+    of every allocation and every free of those blocks, as ``torch.profiler`` records them
+    (``profile_memory=True``). Frees of blocks allocated before ``fn`` are not recorded (c10 warns once
+    about them). ``None`` if the profiler cannot run here (inside another profiler)."""
     from torch.profiler import ProfilerActivity, profile
     if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # nesting would end the user's session
         return None
