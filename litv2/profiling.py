@@ -219,26 +219,64 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
         model.train(was_training)
 
 
+# What torch.profiler's C++ side prints to stderr on every session (kineto's start/stop and device probe
+# lines, c10's note on blocks allocated before the session): not meant for users of a memory figure.
+_PROFILER_NOISE = ("SyncActivityProfilerHandler", "gpuGetDeviceCount", "allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def _without_profiler_noise():
+    """Route file descriptor 2 to a temporary file while the block runs, then write back every line
+    except the profiler's own chatter (so the block's real warnings and errors still show, afterwards)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not any(n in line for n in _PROFILER_NOISE))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
 def cpu_live_peak(fn: Callable[[], object]) -> int | None:
     """Peak bytes of CPU tensor memory allocated while ``fn()`` runs and not yet freed: the running sum
     of every allocation and every free of those blocks, as ``torch.profiler`` records them
-    (``profile_memory=True``). Frees of blocks allocated before ``fn`` are not recorded (c10 warns once
-    about them). ``None`` if the profiler cannot run here (inside another profiler)."""
+    (``profile_memory=True``). Frees of blocks allocated before ``fn`` are not recorded. ``None`` if
+    the profiler cannot run here (inside another profiler). The profiler's own stderr lines are dropped;
+    anything else ``fn`` writes to stderr is written out after it returns."""
     from torch.profiler import ProfilerActivity, profile
     if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # nesting would end the user's session
         return None
-    try:
-        from torch.profiler._memory_profiler import Action, MemoryProfile
-        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        prof.__enter__()
-    except Exception:  # noqa: BLE001 - profiler busy or its memory API moved: caller falls back
-        return None
-    try:
-        fn()
-    finally:
-        prof.__exit__(None, None, None)
+    with _without_profiler_noise():
+        try:
+            from torch.profiler._memory_profiler import Action, MemoryProfile
+            prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            prof.__enter__()
+        except Exception:  # noqa: BLE001 - profiler busy or its memory API moved: caller falls back
+            return None
+        try:
+            fn()
+        finally:
+            prof.__exit__(None, None, None)
+        timeline = MemoryProfile(prof.profiler.kineto_results).timeline
     current = peak = 0
-    for _, action, key, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+    for _, action, key, size in timeline:
         if key is None or key[0].device.type != "cpu":
             continue
         if action == Action.CREATE:

@@ -1,5 +1,7 @@
 """Efficiency figures: FLOPs/params equal the model's own counts, speed and memory are measured."""
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -65,6 +67,23 @@ def test_cpu_peak_memory_is_the_peak_of_live_tensors():
         assert peak_memory(fn) >= 0  # resident-memory fallback
         torch.ones(3).sum()
     assert any(e.key == "aten::sum" for e in prof.key_averages())
+
+
+def test_cpu_peak_memory_keeps_stderr_clean_but_for_the_callers_own_lines():
+    """torch.profiler's C++ side prints start/stop lines (and c10 a note on older blocks) to stderr on
+    every session; a memory figure must not spray them over a user's log, nor swallow real output."""
+    code = ("import sys, torch\n"
+            "from litv2.profiling import cpu_live_peak\n"
+            "old = torch.ones(2 ** 20)\n"
+            "def fn():\n"
+            "    global old\n"
+            "    old = None\n"
+            "    print('line from fn', file=sys.stderr)\n"
+            "    return torch.ones(1000)\n"
+            "print(cpu_live_peak(fn), cpu_live_peak(fn))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["4000", "4000"]
+    assert out.stderr.splitlines() == ["line from fn", "line from fn"], out.stderr
 
 
 def test_cpu_train_memory_is_repeatable_and_sees_the_gelu_recompute():
