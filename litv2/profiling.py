@@ -250,41 +250,76 @@ def _without_profiler_noise():
             lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
             kept = "".join(line for line in lines if not any(n in line for n in _PROFILER_NOISE))
             if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(kept)
+                    sys.stderr.flush()
+
+
+_LIVE_PEAK_LOCK = threading.Lock()  # one profiler session at a time (fd 2 is redirected during it)
+
+
+def _profiler_active() -> bool:
+    enabled = getattr(torch.autograd, "_profiler_enabled", None)
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False) or (enabled and enabled()))
+
+
+def _allocation_peak(result) -> int:
+    """Peak running sum of the CPU blocks allocated during the session: each allocation adds its size;
+    a free subtracts it only if that block was allocated in this session (frees of older blocks, which
+    c10 may report with their size from an earlier session, are ignored)."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(result.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+    events.sort(key=lambda e: e[0])
+    live: dict[int, int] = {}
+    current = peak = 0
+    for _, ptr, size in events:
+        if size > 0:
+            current += size - live.get(ptr, 0)  # an address reused without a recorded free: replace it
+            live[ptr] = size
+            peak = max(peak, current)
+        elif ptr in live:
+            current -= live.pop(ptr)
+    return peak
 
 
 def cpu_live_peak(fn: Callable[[], object]) -> int | None:
-    """Peak bytes of CPU tensor memory allocated while ``fn()`` runs and not yet freed: the running sum
-    of every allocation and every free of those blocks, as ``torch.profiler`` records them
-    (``profile_memory=True``). Frees of blocks allocated before ``fn`` are not recorded. ``None`` if
-    the profiler cannot run here (inside another profiler). The profiler's own stderr lines are dropped;
-    anything else ``fn`` writes to stderr is written out after it returns."""
+    """Peak bytes of CPU tensor memory allocated while ``fn()`` runs and not yet freed, from
+    ``torch.profiler``'s allocation records (``profile_memory=True``): blocks of PyTorch's CPU allocator
+    allocated on the calling thread (autograd's CPU backward and ``at::launch`` tasks included). Memory
+    taken outside that allocator (MKL packing, oneDNN's own buffers) or by other Python threads is not
+    seen; kernels, and so the figure, can change with the thread count.
+
+    ``None`` (the caller falls back) when the profiler cannot run: inside another profiler session
+    (nesting would end it; a scheduled profiler still in its warm-up is not detected), while another
+    thread measures, or if the profiler or its analysis fails. The profiler's own stderr lines are
+    dropped; anything else written to stderr during ``fn`` is written out after it returns (and lost
+    if the process dies meanwhile)."""
     from torch.profiler import ProfilerActivity, profile
-    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # nesting would end the user's session
+    if _profiler_active() or not _LIVE_PEAK_LOCK.acquire(blocking=False):
         return None
-    with _without_profiler_noise():
+    try:
+        with _without_profiler_noise():
+            try:
+                prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                prof.__enter__()
+            except Exception:  # noqa: BLE001 - profiler unavailable: caller falls back
+                return None
+            try:
+                fn()
+            finally:
+                prof.__exit__(None, None, None)
         try:
-            from torch.profiler._memory_profiler import Action, MemoryProfile
-            prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            prof.__enter__()
-        except Exception:  # noqa: BLE001 - profiler busy or its memory API moved: caller falls back
+            return _allocation_peak(prof.profiler.kineto_results)
+        except Exception:  # noqa: BLE001 - private analysis API moved or failed: caller falls back
             return None
-        try:
-            fn()
-        finally:
-            prof.__exit__(None, None, None)
-        timeline = MemoryProfile(prof.profiler.kineto_results).timeline
-    current = peak = 0
-    for _, action, key, size in timeline:
-        if key is None or key[0].device.type != "cpu":
-            continue
-        if action == Action.CREATE:
-            current += size
-        elif action == Action.DESTROY:
-            current -= size
-        peak = max(peak, current)
-    return peak
+    finally:
+        _LIVE_PEAK_LOCK.release()
 
 
 def peak_memory(fn: Callable[[], object], device="cpu", above_current: bool = False) -> int:

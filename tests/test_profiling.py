@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from litv2.models import LITv2
@@ -62,6 +63,25 @@ def test_cpu_peak_memory_is_the_peak_of_live_tensors():
         return torch.empty(8 * 2 ** 20, dtype=torch.uint8)
 
     assert cpu_live_peak(fn) == peak_memory(fn) == 15 * 2 ** 20
+    kept = []
+    assert cpu_live_peak(lambda: kept.append(torch.empty(8 * 2 ** 20, dtype=torch.uint8))) == 8 * 2 ** 20
+
+    def free_older_then_allocate():  # a block from the last session freed in this one does not count
+        kept.clear()
+        return torch.empty(4 * 2 ** 20, dtype=torch.uint8)
+
+    assert cpu_live_peak(free_older_then_allocate) == 4 * 2 ** 20
+
+    def fails():
+        torch.empty(2 ** 20)
+        raise ValueError("inside fn")
+
+    with pytest.raises(ValueError, match="inside fn"):  # propagates; profiler and stderr restored
+        cpu_live_peak(fails)
+    assert cpu_live_peak(fn) == 15 * 2 ** 20
+    from litv2 import profiling
+    with profiling._LIVE_PEAK_LOCK:  # another thread measuring: no second session
+        assert cpu_live_peak(fn) is None
     with profile() as prof:  # inside the user's profiler: no nested session (it would end theirs)
         assert cpu_live_peak(fn) is None
         assert peak_memory(fn) >= 0  # resident-memory fallback
