@@ -106,6 +106,15 @@ def test_cpu_peak_memory_keeps_stderr_clean_but_for_the_callers_own_lines():
     assert out.stderr.splitlines() == ["line from fn", "line from fn"], out.stderr
 
 
+def test_cpu_test_memory_does_not_depend_on_what_ran_before():
+    """The first inference call builds the CPU fast path's packed weight copies, which the model keeps;
+    a fresh model's test memory equals the one measured after it has run."""
+    torch.manual_seed(0)
+    model = LITv2(**TINY)
+    first = measure_memory(model, batch_size=8, img_size=96, train=False)
+    assert measure_memory(model, batch_size=8, img_size=96, train=False) == first > 0
+
+
 def test_cpu_train_memory_is_repeatable_and_sees_the_gelu_recompute():
     """The CPU figure is the same on every call, and the GELU recompute shows as (most of) one fp32
     hidden map per block less at the peak."""
