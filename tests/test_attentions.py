@@ -548,6 +548,10 @@ def test_quadtree_attention_pads_odd_sides_and_checks_arguments():
     m3 = QuadTreeAttention(24, 4, levels=3, topk=8).eval()
     x3 = torch.randn(1, 4, 4, 24)
     torch.testing.assert_close(m3(x3), _quadtree_reference(m3, x3), atol=1e-5, rtol=1e-5)
+    # one level: full attention plus LePE, any side
+    m1 = QuadTreeAttention(24, 4, levels=1).eval()
+    x1 = torch.randn(2, 5, 7, 24)
+    torch.testing.assert_close(m1(x1), _quadtree_reference(m1, x1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="levels must be an integer >= 1"):
         QuadTreeAttention(24, 4, levels=0)
     with pytest.raises(ValueError, match="num_heads=5 must be >= 1 and divide dim=24"):

@@ -37,7 +37,6 @@ attention such as timm's XCiT ``XCA``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -770,6 +769,14 @@ class QuadTreeAttention(nn.Module):
         t = t.reshape(B, self.num_heads, self.head_dim, h // 2, 2, w // 2, 2)
         return t.permute(0, 1, 3, 5, 4, 6, 2).reshape(B * self.num_heads, (h // 2) * (w // 2), 4, self.head_dim)
 
+    def _picking_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           drop: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(softmax(q k^T / sqrt(d)), message)`` for a level whose weights also pick the top keys: in fp32
+        outside autocast (bf16 weights of ~1/49 cannot rank keys); the message comes back in ``v``'s dtype."""
+        with torch.autocast(q.device.type, enabled=False):
+            attn = ((q.float() * self.head_dim ** -0.5) @ k.float().transpose(-2, -1)).softmax(-1)
+            return attn, (F.dropout(attn, drop, self.training) @ v.float()).to(v.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
@@ -784,7 +791,6 @@ class QuadTreeAttention(nn.Module):
             qs.append(F.avg_pool2d(qs[-1], 2))
             ks.append(F.avg_pool2d(ks[-1], 2))
             vs.append(branch(vs[-1]))
-        scale = hd ** -0.5
         drop = self.attn_drop if self.training else 0.0
         weight = self.level_weight.softmax(0)
         out = None
@@ -792,25 +798,21 @@ class QuadTreeAttention(nn.Module):
             h, w = qs[lv].shape[-2:]
             if lv == n_lv - 1:  # full attention; each query's top keys are its children's candidates below
                 ql, kl, vl = self._heads(qs[lv]), self._heads(ks[lv]), self._heads(vs[lv])
-                with torch.autocast(x.device.type, enabled=False) if lv else contextlib.nullcontext():
-                    if lv:  # scores that pick keys: fp32
-                        ql, kl, vl = ql.float(), kl.float(), vl.float()
-                    attn = ((ql * scale) @ kl.transpose(-2, -1)).softmax(-1)
-                    msg = (F.dropout(attn, drop, self.training) @ vl).to(vs[lv].dtype)  # (B, nh, h*w, hd)
-                msg = msg.permute(0, 2, 1, 3).reshape(B, h, w, C)
                 if lv:
+                    attn, msg = self._picking_attention(ql, kl, vl, drop)  # (B, nh, h*w, h*w), (B, nh, h*w, hd)
                     idx = attn.topk(min(self.topk, h * w), dim=-1).indices.view(B * nh, h * w, -1)
+                else:  # one level: plain full attention
+                    msg = F.scaled_dot_product_attention(ql, kl, vl, dropout_p=drop)
+                msg = msg.permute(0, 2, 1, 3).reshape(B, h, w, C)
             else:  # a parent's four children attend to the 2x2 blocks under the parent's top keys
                 hp, wp = h // 2, w // 2
                 n_par, n_top = hp * wp, idx.shape[-1]
                 rows = (idx + torch.arange(B * nh, device=x.device).view(-1, 1, 1) * n_par).view(-1)
-                kc = self._blocks(ks[lv]).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
-                vc = self._blocks(vs[lv]).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
+                kc, vc = (self._blocks(t).reshape(-1, 4 * hd).index_select(0, rows).view(B * nh, n_par, 4 * n_top, hd)
+                          for t in (ks[lv], vs[lv]))
                 children = self._blocks(qs[lv])  # (B*nh, parents, 4, hd)
-                if lv:  # scores that pick keys: fp32
-                    with torch.autocast(x.device.type, enabled=False):
-                        attn = ((children.float() * scale) @ kc.float().transpose(-2, -1)).softmax(-1)
-                        msg = (F.dropout(attn, drop, self.training) @ vc.float()).to(vc.dtype)  # (B*nh, parents, 4, hd)
+                if lv:
+                    attn, msg = self._picking_attention(children, kc, vc, drop)  # (B*nh, parents, 4, 4K / hd)
                     top = attn.topk(min(self.topk, 4 * n_top), dim=-1).indices  # candidate = 4 * key + child
                     block = idx.unsqueeze(2).expand(-1, -1, 4, -1).gather(-1, top // 4)
                     child = top % 4
