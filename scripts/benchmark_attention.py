@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
     add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, cudnn_autotune, fmt, free_memory,
-    is_oom, machine_description, markdown_table, median_rate, resolve_devices, round_robin, sync,
+    is_oom, machine_description, markdown_table, median_rate, resolve_devices, round_robin,
 )
 
 from litv2.models.attentions import (  # noqa: E402
@@ -184,22 +184,14 @@ def peak_memory_mb(module: nn.Module, x: torch.Tensor, train: bool, amp: bool) -
     device = x.device
     module.train(train)
     ctx = contextlib.nullcontext() if train else torch.inference_mode()
-    try:
-        if device.type == "cuda":
-            free_memory(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            with ctx, _autocast(device, amp):
-                out = module(x)
-                if train:
-                    out.float().mean().backward()
-            sync(device)
-            return torch.cuda.max_memory_allocated(device) / 2 ** 20
-        def step():
-            with ctx:
-                out = module(x)
-                if train:
-                    out.float().mean().backward()
+    def step():
+        with ctx, _autocast(device, amp):
+            out = module(x)
+            if train:
+                out.float().mean().backward()
 
+    try:
+        free_memory(device)
         return peak_memory(step, device) / 2 ** 20
     except Exception as e:  # noqa: BLE001
         if not is_oom(e):
