@@ -8,11 +8,12 @@ handles below count them as the explicit ``q @ k^T``, ``attn @ v`` and a dense c
 so a fused kernel reports the same FLOPs as the naive formulation in the supplementary (Sec. B).
 
 Throughput follows the paper's protocol (batch 64, 224x224, warm-up, mean over 30 timed runs).
-Memory is ``torch.cuda.max_memory_allocated`` on GPU. On CPU, PyTorch keeps no allocator statistics, so
-it is the peak of the bytes of live tensors allocated during one step, from ``torch.profiler``'s
-allocation records (exact and independent of the C allocator, like CUDA's figure above the weights);
-where the profiler cannot run (another profiler is active), the peak growth of the process' resident
-memory, sampled by a background thread, which also counts heap fragmentation.
+Memory is ``torch.cuda.max_memory_allocated`` on GPU (weights and input included). On CPU, PyTorch keeps
+no allocator statistics, so it is the peak of the tensor bytes one step allocates and holds, from
+``torch.profiler``'s allocation records (independent of the C allocator; weights and input excluded; see
+:func:`cpu_live_peak` for what it does not see); where the profiler cannot run (another profiler is
+active), the peak growth of the process' resident memory, sampled by a background thread, which also
+counts heap fragmentation.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ peak (``2 * GMACs * img/s / peak``).
 compiled during the warm-up, which is not timed); ``--inductor-freezing`` lets inductor fold and pre-pack
 the weights of inference graphs. ``--memory`` adds peak train (forward + backward) and test memory at the
 run's batch sizes (:func:`litv2.profiling.measure_memory`: CUDA max allocated, weights included; CPU
-peak of the live tensor bytes the step allocates, exact and allocator-independent), the paper's Table 1
-columns.
+peak of the tensor bytes the step allocates and holds, allocator-independent, weights excluded), the
+paper's Table 1 columns.
 
 Weights are never downloaded (``pretrained=False``); FasterViT comes from the ``fastervit`` package
 (registered with timm on import) and is timed at inference in its deploy mode (see :func:`set_deploy`).
