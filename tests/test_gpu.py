@@ -119,15 +119,18 @@ def test_efficiency_report_on_the_device():
     assert report["device"] == (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu")
 
 
-def test_gelu_recompute_on_the_device_saves_the_gelu_maps_with_the_same_gradients():
-    """bf16 autocast on the device's kernels: gradients bitwise those of the model that keeps its GELU
-    outputs, and (CUDA) peak train memory lower by most of one bf16 hidden map per block."""
+@pytest.mark.parametrize("option", ["recompute_gelu", "recompute_dwconv"])
+def test_ffn_recompute_on_the_device_saves_hidden_maps_with_the_same_gradients(option):
+    """bf16 autocast on the device's kernels: gradients bitwise those of the model without the option
+    (recompute_gelu against the model that keeps its GELU outputs; recompute_dwconv against the default,
+    which keeps its depthwise-conv outputs), and (CUDA) peak train memory lower by most of one bf16 hidden
+    map per block."""
     from litv2.profiling import measure_memory
 
     torch.manual_seed(0)
     cfg = dict(TINY, embed_dim=32)
-    plain = LITv2(**cfg, recompute_gelu=False).to(DEVICE).train()
-    model = LITv2(**cfg).to(DEVICE).train()
+    plain = LITv2(**cfg, **({"recompute_gelu": False} if option == "recompute_gelu" else {})).to(DEVICE).train()
+    model = LITv2(**cfg, **({"recompute_dwconv": True} if option == "recompute_dwconv" else {})).to(DEVICE).train()
     model.load_state_dict(plain.state_dict())
     x = torch.randn(8, 3, 128, 128, device=DEVICE)
     for m in (model, plain):
@@ -140,9 +143,9 @@ def test_gelu_recompute_on_the_device_saves_the_gelu_maps_with_the_same_gradient
         plain.zero_grad(set_to_none=True)
         saved = measure_memory(plain, 8, 128, DEVICE, train=True, amp_dtype=torch.bfloat16) \
             - measure_memory(model, 8, 128, DEVICE, train=True, amp_dtype=torch.bfloat16)
-        side, width, gelu_maps = 128 // 4, 32, 0
+        side, width, hidden_maps = 128 // 4, 32, 0
         for depth in cfg["depths"]:  # one (8, side, side, 4 * width) bf16 map per block
-            gelu_maps += depth * 8 * side * side * 4 * width * 2
+            hidden_maps += depth * 8 * side * side * 4 * width * 2
             side, width = side // 2, width * 2
         # where the peak falls (end of forward, or a cuDNN workspace in backward) decides how much shows
-        assert saved >= 0.5 * gelu_maps, (saved, gelu_maps)
+        assert saved >= 0.5 * hidden_maps, (saved, hidden_maps)

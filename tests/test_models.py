@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import litv2
 from litv2.models import HiLo, LITv2, checkpoint_filter_fn, load_checkpoint
+from litv2.models.litv2 import ConvFFN
 from litv2.profiling import count_flops, count_flops_module, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -236,8 +237,8 @@ def test_grad_checkpointing_same_outputs_and_grads():
 
 
 def _gelu_outputs_alive_after_forward(model, x, monkeypatch):
-    """Run a training forward; return whether each ConvFFN's GELU output is still alive before backward
-    (None where ConvFFN kept it the plain way), and the output."""
+    """Run a training forward; return whether each tensor a ConvFFN chose to recompute (GELU output,
+    depthwise-conv output) is still alive before backward, and the output."""
     import weakref
 
     import litv2.models.litv2 as litv2_module
@@ -288,16 +289,69 @@ def test_convffn_recomputes_gelu_instead_of_keeping_it(fast_paths, amp, monkeypa
         cpu_fast_paths(previous)
 
 
+@pytest.mark.parametrize("fast_paths, amp", [(True, False), (False, True)])
+@pytest.mark.parametrize("recompute_gelu", [True, False])
+def test_convffn_recomputes_the_dwconv_output_too(recompute_gelu, fast_paths, amp, monkeypatch):
+    """recompute_dwconv: no depthwise-conv output (GELU's input) outlives the forward pass either; the
+    backward pass makes it again under the forward's autocast state, once per block when the GELU output
+    is recomputed too; outputs and gradients are bitwise those of the plain model."""
+    from litv2.models.layers import cpu_fast_paths
+
+    previous = cpu_fast_paths()
+    cpu_fast_paths(fast_paths)
+    try:
+        torch.manual_seed(0)
+        plain = LITv2(**TINY, recompute_gelu=False).train()
+        model = LITv2(**TINY, recompute_gelu=recompute_gelu, recompute_dwconv=True).train()
+        model.load_state_dict(plain.state_dict())
+        convs = []
+        for m in model.modules():
+            if isinstance(m, ConvFFN):
+                m.dwconv.dwconv.register_forward_hook(lambda mod, inp, out: convs.append(out.dtype))
+        x = torch.randn(2, 3, 64, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            alive, out = _gelu_outputs_alive_after_forward(model, x, monkeypatch)
+            ref = plain(x)
+        blocks = sum(TINY["depths"])
+        assert alive == [False] * (blocks * (2 if recompute_gelu else 1))
+        assert len(convs) == blocks
+        out.float().square().sum().backward()
+        ref.float().square().sum().backward()
+        assert convs == [torch.bfloat16 if amp else torch.float32] * (2 * blocks)  # one recompute per block
+        assert torch.equal(out, ref)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+    finally:
+        cpu_fast_paths(previous)
+
+
+def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradients():
+    """retain_graph: a second backward recomputes again; create_graph: the recomputed conv is differentiable
+    (double backward through the FFN, as gradient penalties need)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 8, requires_grad=True)
+    models = [ConvFFN(8, 32, recompute_gelu=flag, recompute_dwconv=flag).train() for flag in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    results = []
+    for m in models:
+        out = m(x).square().sum()
+        first = torch.autograd.grad(out, [x, *m.parameters()], retain_graph=True)
+        again = torch.autograd.grad(out, [x, *m.parameters()], create_graph=True)
+        second = torch.autograd.grad(again[0].square().sum(), [x, *m.parameters()])
+        results.append((first, again, second))
+    for a, b in zip(*results):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
 def test_gelu_recompute_stands_aside_for_torch_func_and_disabled_hooks():
     """torch.func transforms switch saved-tensor hooks off (per-sample gradients, Opacus): the plain path
     runs there, with the same gradients as the model that keeps its GELU outputs."""
     from torch.func import functional_call, grad
 
-    from litv2.models.litv2 import ConvFFN
-
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 8)
-    models = [ConvFFN(8, 32, recompute_gelu=flag).train() for flag in (True, False)]
+    models = [ConvFFN(8, 32, recompute_gelu=flag, recompute_dwconv=flag).train() for flag in (True, False)]
     models[1].load_state_dict(models[0].state_dict())
     grads = []
     for m in models:
@@ -332,6 +386,11 @@ def test_recompute_when_saved_refuses_a_different_layout():
     with recompute_when_saved(g, lambda: F.gelu(y).t().contiguous().t()):  # same values, other strides
         out = g @ torch.randn(6, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="remade tensor has layout"):
+        out.sum().backward()
+    g = F.gelu(y)
+    with recompute_when_saved(g, lambda: F.gelu(y.double())):  # same strides, other dtype (e.g. no autocast)
+        out = g @ torch.randn(6, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="float64"):
         out.sum().backward()
 
 

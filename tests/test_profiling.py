@@ -116,20 +116,23 @@ def test_cpu_test_memory_does_not_depend_on_what_ran_before():
     assert measure_memory(model, batch_size=8, img_size=96, train=False) == first > 0
 
 
-def test_cpu_train_memory_is_repeatable_and_sees_the_gelu_recompute():
-    """The CPU figure is the same on every call, and the GELU recompute shows as (most of) one fp32
-    hidden map per block less at the peak."""
+def test_cpu_train_memory_is_repeatable_and_sees_the_ffn_recomputes():
+    """The CPU figure is the same on every call, and the GELU recompute, then the depthwise-conv recompute,
+    each show as (most of) one fp32 hidden map per block less at the peak."""
     torch.manual_seed(0)
     cfg = dict(TINY, embed_dim=32)
     plain, model = LITv2(**cfg, recompute_gelu=False), LITv2(**cfg)
+    both = LITv2(**cfg, recompute_dwconv=True)
     first = measure_memory(model, batch_size=8, img_size=128, train=True)
     assert measure_memory(model, batch_size=8, img_size=128, train=True) == first
-    side, width, gelu_maps = 128 // 4, 32, 0
+    side, width, hidden_maps = 128 // 4, 32, 0
     for depth in cfg["depths"]:  # one (8, side, side, 4 * width) fp32 map per block
-        gelu_maps += depth * 8 * side * side * 4 * width * 4
+        hidden_maps += depth * 8 * side * side * 4 * width * 4
         side, width = side // 2, width * 2
     saved = measure_memory(plain, batch_size=8, img_size=128, train=True) - first
-    assert 0.9 * gelu_maps <= saved <= gelu_maps, (saved, gelu_maps)
+    assert 0.9 * hidden_maps <= saved <= hidden_maps, (saved, hidden_maps)
+    saved = first - measure_memory(both, batch_size=8, img_size=128, train=True)
+    assert 0.9 * hidden_maps <= saved <= hidden_maps, (saved, hidden_maps)
 
 
 def test_profile_model_script_smoke():

@@ -150,14 +150,14 @@ class recompute_when_saved(torch.autograd.graph.saved_tensors_hooks):
     For a cheap element-wise result whose input is kept anyway, e.g. ``GELU(y)`` feeding a linear layer
     (GELU's own backward keeps ``y``): the linear layer's saved input then costs one GELU in backward
     instead of a whole activation map of memory. ``remake()`` must return the tensor exactly as it was
-    (same values, same strides), which a deterministic element-wise op on the same input does. Other saved
+    (same values, dtype and strides), which a deterministic element-wise op on the same input does. Other saved
     tensors (weights, other inputs) are kept as usual.
     """
 
     def __init__(self, target: torch.Tensor, remake):
         # the hooks must not hold ``target`` itself: autograd keeps them as long as the saved tensors
         storage, dtype = target.untyped_storage().data_ptr(), target.dtype
-        layout = (target.shape, target.stride(), target.storage_offset())
+        layout = (target.shape, target.stride(), target.storage_offset(), dtype)
 
         def pack(t: torch.Tensor):
             # plain tensors only: subclasses (DTensor, float8 weights, ...) may have no storage to compare,
@@ -176,9 +176,10 @@ class _Remake:
 
     def __call__(self) -> torch.Tensor:
         full = self.remake()
-        if (full.shape, full.stride(), full.storage_offset()) != self.layout:
-            raise RuntimeError(f"recompute_when_saved: remade tensor has layout {full.shape, full.stride()}, "
-                               f"the saved one had {self.layout[:2]}")
+        if (full.shape, full.stride(), full.storage_offset(), full.dtype) != self.layout:
+            raise RuntimeError(f"recompute_when_saved: remade tensor has layout "
+                               f"{full.shape, full.stride(), full.dtype}, the saved one had "
+                               f"{self.layout[:2] + self.layout[3:]}")
         return full.as_strided(*self.view)
 
 

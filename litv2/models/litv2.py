@@ -58,36 +58,89 @@ class DWConv(nn.Module):
 class ConvFFN(nn.Module):
     """fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the paper's FFN with implicit zero-padding position).
 
-    ``recompute_gelu``: in training, fc2 keeps no copy of its input ``GELU(y)`` for the backward pass; the
-    backward pass recomputes it from ``y``, which GELU's own backward keeps anyway. That saves one
-    hidden-width map per block (the widest activation) for one extra GELU in backward; the gradients are
-    bitwise the same. Not under ``torch.compile`` (inductor chooses what to recompute itself), tracing,
-    export, other saved-tensor hooks (activation checkpointing recomputes the whole block anyway) or
-    hooks switched off (``torch.func``), nor for tensor subclasses or with FFN dropout. In this path the
-    depthwise ``Conv2d`` is called directly, so forward hooks on the ``DWConv`` wrapper do not run
-    (hooks on ``dwconv.dwconv`` do).
+    Two options trade a little backward-pass compute for memory in training; the gradients are bitwise
+    the same either way (every kernel runs as in the plain model, on the same inputs):
+
+    ``recompute_gelu``: fc2 keeps no copy of its input ``GELU(y)`` for the backward pass; the backward pass
+    recomputes it from ``y``. That saves one hidden-width map per block (the widest activation) for one
+    extra GELU in backward.
+
+    ``recompute_dwconv``: GELU keeps no copy of its input ``y = dwconv(fc1(x))`` either; the backward pass
+    recomputes it from ``fc1(x)``, which the depthwise conv's own backward keeps anyway, under the
+    forward's autocast state. That saves a second hidden-width map per block for one depthwise conv in
+    backward (computed once when both options are on: GELU's backward takes the ``y`` that fc2's recompute
+    made). Gradients stay bitwise the same as long as the conv kernel is deterministic (CPU, cuDNN's
+    forward algorithms).
+
+    Neither applies under ``torch.compile`` (inductor chooses what to recompute itself), tracing, export,
+    other saved-tensor hooks (activation checkpointing recomputes the whole block anyway) or hooks switched
+    off (``torch.func``), nor for tensor subclasses or with FFN dropout. In these paths the depthwise
+    ``Conv2d`` is called directly, so forward hooks on the ``DWConv`` wrapper do not run (hooks on
+    ``dwconv.dwconv`` do).
     """
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, recompute_gelu: bool = True):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, recompute_gelu: bool = True,
+                 recompute_dwconv: bool = False):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)  # conv + GELU
         self.drop = nn.Dropout(drop)
         self.fc2 = Linear(hidden_features, in_features)
         self.recompute_gelu = recompute_gelu
+        self.recompute_dwconv = recompute_dwconv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if (self.recompute_gelu and self.drop.p == 0 and torch.is_grad_enabled() and x.requires_grad
-                and type(x) is torch.Tensor
+        if ((self.recompute_gelu or self.recompute_dwconv) and self.drop.p == 0 and torch.is_grad_enabled()
+                and x.requires_grad and type(x) is torch.Tensor
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and not torch.compiler.is_exporting() and not saved_tensor_hooks_active()):
-            y = self.dwconv.dwconv(x.permute(0, 3, 1, 2))
-            g = F.gelu(y)
-            with recompute_when_saved(g, lambda: F.gelu(y)):
+            xc = x.permute(0, 3, 1, 2)
+            y = self.dwconv.dwconv(xc)
+            if self.recompute_dwconv:
+                conv = _DWConvRecompute(self.dwconv.dwconv, xc)
+                with recompute_when_saved(y, conv.take):
+                    g = F.gelu(y)
+                del y  # the recipes below must not hold it
+
+                def remake_g():
+                    return F.gelu(conv.keep())
+            else:
+                g = F.gelu(y)
+
+                def remake_g():
+                    return F.gelu(y)
+            if not self.recompute_gelu:
+                return self.fc2(g.permute(0, 2, 3, 1))
+            with recompute_when_saved(g, remake_g):
                 return self.fc2(g.permute(0, 2, 3, 1))
         x = self.dwconv(x)
         return self.drop(self.fc2(self.drop(x)))
+
+
+class _DWConvRecompute:
+    """``conv(x)`` again in the backward pass, under the autocast state of the forward pass (autograd runs
+    the backward pass outside it). ``keep()`` holds the result for one ``take()``: fc2's backward (the GELU
+    recompute) comes first and GELU's backward then takes the same tensor instead of a second conv."""
+
+    def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
+        self.conv, self.x, self.y = conv, x, None
+        self.device_type = x.device.type
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.dtype = torch.get_autocast_dtype(self.device_type)
+
+    def _run(self) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+            return self.conv(self.x)
+
+    def keep(self) -> torch.Tensor:
+        if self.y is None:
+            self.y = self._run()
+        return self.y
+
+    def take(self) -> torch.Tensor:
+        y, self.y = self.y, None
+        return self._run() if y is None else y
 
 
 class DeformConv2d(nn.Module):
@@ -149,7 +202,8 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  window_size: int = 0, alpha: float = 0.9, attention: str = "hilo", block_idx: int = 0,
-                 stage_idx: int | None = None, norm_layer=nn.LayerNorm, recompute_gelu: bool = True):
+                 stage_idx: int | None = None, norm_layer=nn.LayerNorm, recompute_gelu: bool = True,
+                 recompute_dwconv: bool = False):
         super().__init__()
         self.has_attn = window_size != 0
         if self.has_attn:
@@ -164,7 +218,8 @@ class Block(nn.Module):
                                              attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop, recompute_gelu=recompute_gelu)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop, recompute_gelu=recompute_gelu,
+                           recompute_dwconv=recompute_dwconv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_attn:
@@ -234,6 +289,9 @@ class LITv2(nn.Module):
         recompute_gelu: in training, recompute each ConvFFN's GELU output in the backward pass instead of
             keeping it (one hidden-width map per block less memory, bitwise the same gradients; see
             :class:`ConvFFN`).
+        recompute_dwconv: in training, also recompute each ConvFFN's depthwise-conv output (GELU's input) in
+            the backward pass (one more hidden-width map per block less memory for one depthwise conv in
+            backward; bitwise the same gradients; see :class:`ConvFFN`).
     """
 
     def __init__(
@@ -256,6 +314,7 @@ class LITv2(nn.Module):
         patch_size: int = 4,
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
         recompute_gelu: bool = True,
+        recompute_dwconv: bool = False,
     ):
         super().__init__()
         depths = list(depths)
@@ -297,7 +356,7 @@ class LITv2(nn.Module):
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < n - 1,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                 alpha=alphas[i], attention=attention, stage_idx=i, norm_layer=norm_layer,
-                recompute_gelu=recompute_gelu))
+                recompute_gelu=recompute_gelu, recompute_dwconv=recompute_dwconv))
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
             reduction *= 2
         self.norm = norm_layer(self.num_features)
