@@ -136,6 +136,10 @@ class PlainLinearKernel(nn.Module):
             cpu_fast_paths(previous)
 
 
+# LITv2 memory options as model-name suffixes, for train memory / speed A/Bs in one run
+LITV2_VARIANTS = {"@keep-gelu": ("recompute_gelu", False), "@recompute-dwconv": ("recompute_dwconv", True)}
+
+
 def build_model(name: str, img_size: int) -> nn.Module:
     """``timm.create_model(name, pretrained=False)``; non-224 inputs get the size-dependent kwargs.
 
@@ -152,11 +156,12 @@ def build_model(name: str, img_size: int) -> nn.Module:
     if name.endswith("@addmm"):
         return PlainLinearKernel(build_model(name[:-len("@addmm")], img_size)).eval()
     kwargs = {}
-    if name.endswith("@keep-gelu"):
-        name = name[:-len("@keep-gelu")]
+    while suffix := next((s for s in LITV2_VARIANTS if name.endswith(s)), None):  # any combination
+        name = name[:-len(suffix)]
         if not name.startswith("litv2"):
-            raise SystemExit(f"@keep-gelu applies to LITv2 models only, got {name!r}")
-        kwargs["recompute_gelu"] = False
+            raise SystemExit(f"{suffix} applies to LITv2 models only, got {name!r}")
+        key, value = LITV2_VARIANTS[suffix]
+        kwargs[key] = value
     if name.startswith("faster_vit"):
         import fastervit  # noqa: F401  (registers faster_vit_* with timm)
         if img_size != 224:

@@ -457,14 +457,21 @@ def test_gpu_calls_apply_to_gpu_samples_only_and_cudnn_autotune_to_cuda_runs():
         torch.backends.cudnn.benchmark = saved
 
 
-def test_benchmark_models_keep_gelu_builds_litv2_without_the_gelu_recompute():
+def test_benchmark_models_litv2_variants_set_the_ffn_recompute_options():
     build = load_script("benchmark_models.py")["build_model"]
-    model = build("litv2_s@keep-gelu", 64)
-    ffns = [b.mlp for s in model.layers for b in s.blocks]
-    assert ffns and not any(f.recompute_gelu for f in ffns)
-    assert all(b.mlp.recompute_gelu for s in build("litv2_s", 64).layers for b in s.blocks)
-    with pytest.raises(SystemExit, match="LITv2 models only"):
-        build("resnet18@keep-gelu", 64)
+
+    def options(name):
+        ffns = [b.mlp for s in build(name, 64).layers for b in s.blocks]
+        assert ffns
+        return {(f.recompute_gelu, f.recompute_dwconv) for f in ffns}
+
+    assert options("litv2_s") == {(True, False)}
+    assert options("litv2_s@keep-gelu") == {(False, False)}
+    assert options("litv2_s@recompute-dwconv") == {(True, True)}
+    assert options("litv2_s@keep-gelu@recompute-dwconv") == {(False, True)}
+    for name in ("resnet18@keep-gelu", "resnet18@recompute-dwconv"):
+        with pytest.raises(SystemExit, match="LITv2 models only"):
+            build(name, 64)
 
 
 def test_benchmark_attention_dat_groups_divide_the_heads():
