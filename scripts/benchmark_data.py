@@ -106,8 +106,12 @@ def main(argv=None) -> dict:
         root = Path(args.root) if args.root else make_jpegs(
             Path(tmp), args.images, tuple(int(v) for v in args.jpeg_size.split("x")))
         dataset = RobustImageFolder(str(root / "train"), transform=transform)
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
-        rate1 = per_worker_rate(dataset, args.seconds)
+        try:
+            rate1 = per_worker_rate(dataset, args.seconds)
+        finally:
+            torch.set_num_threads(threads)  # main() is also called in-process (tests, notebooks)
         loader_rates = {w: loader_rate(dataset, w, args.batch_size, args.batches)
                         for w in (int(v) for v in args.workers.split(",") if v.strip())}
 

@@ -2,6 +2,7 @@
 import runpy
 from pathlib import Path
 
+import torch
 from PIL import Image
 from timm.data.auto_augment import AugmentOp, rand_augment_transform
 
@@ -24,7 +25,9 @@ def test_randaugment_inc1_posterize_at_max_magnitude():
 
 def test_benchmark_data_smoke():
     bench = runpy.run_path(str(REPO / "scripts" / "benchmark_data.py"))
+    threads = torch.get_num_threads()
     result = bench["main"](["--images", "8", "--seconds", "0.5", "--workers", "0", "--batches", "1",
                             "--batch-size", "4", "--target", "100"])
     assert result["per_worker"] > 0 and result["loader"][0] > 0
     assert result["workers_needed"] >= 1
+    assert torch.get_num_threads() == threads  # the single-threaded worker measurement is undone
