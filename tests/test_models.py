@@ -289,14 +289,19 @@ def test_convffn_recomputes_gelu_instead_of_keeping_it(fast_paths, amp, monkeypa
         cpu_fast_paths(previous)
 
 
-@pytest.mark.parametrize("fast_paths, amp", [(True, False), (False, True)])
+@pytest.mark.parametrize("fast_paths, amp", [(True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("recompute_gelu", [True, False])
 def test_convffn_recomputes_the_dwconv_output_too(recompute_gelu, fast_paths, amp, monkeypatch):
     """recompute_dwconv: no depthwise-conv output (GELU's input) outlives the forward pass either; the
-    backward pass makes it again under the forward's autocast state, once per block when the GELU output
-    is recomputed too; outputs and gradients are bitwise those of the plain model."""
+    backward pass makes it again under the forward's autocast state (not the caller's at backward time),
+    once per block when the GELU output is recomputed too; outputs and gradients are bitwise those of the
+    plain model."""
+    import litv2.models.litv2 as litv2_module
     from litv2.models.layers import cpu_fast_paths
 
+    reruns = []
+    run = litv2_module._DWConvRecompute._run
+    monkeypatch.setattr(litv2_module._DWConvRecompute, "_run", lambda self: reruns.append(run(self)) or reruns[-1])
     previous = cpu_fast_paths()
     cpu_fast_paths(fast_paths)
     try:
@@ -304,20 +309,17 @@ def test_convffn_recomputes_the_dwconv_output_too(recompute_gelu, fast_paths, am
         plain = LITv2(**TINY, recompute_gelu=False).train()
         model = LITv2(**TINY, recompute_gelu=recompute_gelu, recompute_dwconv=True).train()
         model.load_state_dict(plain.state_dict())
-        convs = []
-        for m in model.modules():
-            if isinstance(m, ConvFFN):
-                m.dwconv.dwconv.register_forward_hook(lambda mod, inp, out: convs.append(out.dtype))
         x = torch.randn(2, 3, 64, 64)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             alive, out = _gelu_outputs_alive_after_forward(model, x, monkeypatch)
             ref = plain(x)
         blocks = sum(TINY["depths"])
         assert alive == [False] * (blocks * (2 if recompute_gelu else 1))
-        assert len(convs) == blocks
-        out.float().square().sum().backward()
-        ref.float().square().sum().backward()
-        assert convs == [torch.bfloat16 if amp else torch.float32] * (2 * blocks)  # one recompute per block
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not amp):  # the opposite state at backward
+            out.float().square().sum().backward()  # (on CPU an enclosing autocast changes backward kernels too)
+            ref.float().square().sum().backward()
+        assert [y.dtype for y in reruns] == [torch.bfloat16 if amp else torch.float32] * blocks
+        assert not any(y.requires_grad for y in reruns)  # no graph built in backward
         assert torch.equal(out, ref)
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
             assert torch.equal(p.grad, q.grad), name
@@ -326,8 +328,9 @@ def test_convffn_recomputes_the_dwconv_output_too(recompute_gelu, fast_paths, am
 
 
 def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradients():
-    """retain_graph: a second backward recomputes again; create_graph: the recomputed conv is differentiable
-    (double backward through the FFN, as gradient penalties need)."""
+    """retain_graph: a second backward recomputes again; create_graph: double backward through the FFN (as
+    gradient penalties need) gives the plain model's second-order gradients (autograd attaches the remade
+    tensors to the forward's graph)."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 8, requires_grad=True)
     models = [ConvFFN(8, 32, recompute_gelu=flag, recompute_dwconv=flag).train() for flag in (True, False)]
@@ -342,6 +345,28 @@ def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradie
     for a, b in zip(*results):
         for u, v in zip(a, b):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_dwconv_recompute_stands_aside_for_conv_hooks_and_parametrizations():
+    """A hooked or parametrized depthwise conv keeps its output: spectral norm's power iteration runs once per
+    forward (gradients equal the plain model's), and a forward hook sees one call per forward."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 8, requires_grad=True)
+    plain, model = ConvFFN(8, 32).train(), ConvFFN(8, 32, recompute_dwconv=True).train()
+    for m in (plain, model):
+        spectral_norm(m.dwconv.dwconv)
+    model.load_state_dict(plain.state_dict())
+    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (plain, model)]
+    for u, v in zip(*grads):
+        assert torch.equal(u, v)
+
+    model = ConvFFN(8, 32, recompute_dwconv=True).train()
+    calls = []
+    model.dwconv.dwconv.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    model(x).sum().backward()
+    assert calls == [True]
 
 
 def test_gelu_recompute_stands_aside_for_torch_func_and_disabled_hooks():

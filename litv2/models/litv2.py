@@ -70,7 +70,8 @@ class ConvFFN(nn.Module):
     forward's autocast state. That saves a second hidden-width map per block for one depthwise conv in
     backward (computed once when both options are on: GELU's backward takes the ``y`` that fc2's recompute
     made). Gradients stay bitwise the same as long as the conv kernel is deterministic (CPU, cuDNN's
-    forward algorithms).
+    forward algorithms). A depthwise conv with forward hooks or a parametrized weight keeps its output (the
+    rerun would skip the hooks, or run them and their side effects twice).
 
     Neither applies under ``torch.compile`` (inductor chooses what to recompute itself), tracing, export,
     other saved-tensor hooks (activation checkpointing recomputes the whole block anyway) or hooks switched
@@ -97,7 +98,7 @@ class ConvFFN(nn.Module):
                 and not torch.compiler.is_exporting() and not saved_tensor_hooks_active()):
             xc = x.permute(0, 3, 1, 2)
             y = self.dwconv.dwconv(xc)
-            if self.recompute_dwconv:
+            if self.recompute_dwconv and _DWConvRecompute.applies(self.dwconv.dwconv):
                 conv = _DWConvRecompute(self.dwconv.dwconv, xc)
                 with recompute_when_saved(y, conv.take):
                     g = F.gelu(y)
@@ -119,19 +120,37 @@ class ConvFFN(nn.Module):
 
 
 class _DWConvRecompute:
-    """``conv(x)`` again in the backward pass, under the autocast state of the forward pass (autograd runs
-    the backward pass outside it). ``keep()`` holds the result for one ``take()``: fc2's backward (the GELU
-    recompute) comes first and GELU's backward then takes the same tensor instead of a second conv."""
+    """The depthwise conv of the forward pass again in the backward pass: the same kernel on the same input and
+    weights, without module hooks, under the forward pass's autocast state (autograd runs the backward pass
+    outside it, or inside a context of the caller's) and without building a graph (autograd attaches the
+    remade tensor to the forward's graph). ``keep()`` holds the result for one ``take()``: fc2's backward (the
+    GELU recompute) comes first and GELU's backward then takes the same tensor instead of a second conv."""
+
+    @staticmethod
+    def applies(conv: nn.Conv2d) -> bool:
+        """Hooks (or a parametrized weight) could make ``conv(x)`` differ from the plain conv, or change state
+        when it runs again (spectral norm's power iteration); such a conv keeps its output instead."""
+        from torch.nn.modules import module
+        from torch.nn.utils import parametrize
+        return not (conv._forward_hooks or conv._forward_pre_hooks or parametrize.is_parametrized(conv)
+                    or getattr(module, "_global_forward_hooks", None)
+                    or getattr(module, "_global_forward_pre_hooks", None))
 
     def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
         self.conv, self.x, self.y = conv, x, None
+        self.weight, self.bias = conv.weight, conv.bias  # what this forward used
         self.device_type = x.device.type
-        self.autocast = torch.is_autocast_enabled(self.device_type)
-        self.dtype = torch.get_autocast_dtype(self.device_type)
+        self.has_autocast = torch.amp.is_autocast_available(self.device_type)
+        if self.has_autocast:
+            self.autocast = torch.is_autocast_enabled(self.device_type)
+            self.dtype = torch.get_autocast_dtype(self.device_type)
 
     def _run(self) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
-            return self.conv(self.x)
+        with torch.no_grad():
+            if not self.has_autocast:  # e.g. the meta device
+                return self.conv._conv_forward(self.x, self.weight, self.bias)
+            with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+                return self.conv._conv_forward(self.x, self.weight, self.bias)
 
     def keep(self) -> torch.Tensor:
         if self.y is None:
