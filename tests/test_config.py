@@ -81,3 +81,14 @@ def test_bad_values_are_rejected_before_any_work(override, message):
 
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
         check_config(compose(override.split()))
+
+
+def test_importing_the_engine_keeps_torch_compiles_recompile_limit():
+    """timm.optim's import raises torch._dynamo's recompile limit to 1,000,000 (its Kron optimizer); the
+    engine keeps torch's own limit, so a recompiling model under trainer.compile=true still stops."""
+    import subprocess
+    import sys
+
+    code = ("import torch._dynamo.config as c; limit = c.cache_size_limit; import litv2.engine.builders; "
+            "import litv2.engine.trainer; assert c.cache_size_limit == limit, (c.cache_size_limit, limit)")
+    subprocess.run([sys.executable, "-c", code], check=True)
