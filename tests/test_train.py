@@ -172,9 +172,16 @@ RESUME = ["experiment=quickstart", "aug=deit", "trainer.ema.enabled=true", "trai
 
 
 def test_resume_2_plus_2_equals_4_bitwise(digits, tmp_path):
-    """Mid-epoch resume restores weights, optimizer, EMA, LR, sampler position and every RNG."""
+    """Mid-epoch resume restores weights, optimizer, EMA, LR, sampler position and every RNG; a run leaves the
+    caller's determinism setting (here warn-only) as it found it."""
     base = [*RESUME, f"data.root={digits}"]
-    train_in_process(base + ["trainer.max_steps=4"], tmp_path / "straight")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        train_in_process(base + ["trainer.max_steps=4"], tmp_path / "straight")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
     train_in_process(base + ["trainer.max_steps=2"], tmp_path / "first")
     train_in_process(base + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'first' / 'last.pth'}"],
                      tmp_path / "second")

@@ -67,12 +67,13 @@ def train(cfg, run_dir=None) -> dict:
     check_config(cfg)
     info = init_distributed(cfg.trainer.device)
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         with StopOnSignal() as stop:
             return _train(cfg, run_dir, info, stop)
     finally:  # leave the process as we found it (tests and Hydra multirun run several jobs in one); the one
         # exception is glibc's malloc setting (trainer.cpu_keep_freed_memory), which keeps the peak for good
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         cleanup()
 
