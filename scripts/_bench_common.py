@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: round-robin timing, OOM detection, Markdown tables, matmul peak."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -163,6 +164,22 @@ def add_gpu_options(parser) -> None:
 def calls_per_sample(device, args) -> int:
     """``args.gpu_calls`` on a GPU, 1 on CPU (a CPU call is synchronous: one call per sample loses nothing)."""
     return args.gpu_calls if torch.device(device).type == "cuda" else 1
+
+
+@contextlib.contextmanager
+def restored_process_settings():
+    """Around a script's work: puts back what the run sets for its own process (thread count, cuDNN autotuning,
+    the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
+    as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays."""
+    from litv2.models.layers import cpu_fast_paths
+
+    threads, benchmark, fast = torch.get_num_threads(), torch.backends.cudnn.benchmark, cpu_fast_paths()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
+        cpu_fast_paths(fast)
 
 
 def apply_cpu_options(args) -> None:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
     add_cpu_options, apply_cpu_options, create_litv2, inference_fn, machine_description, markdown_table, median_rate,
-    round_robin, train_step_fn,
+    restored_process_settings, round_robin, train_step_fn,
 )
 
 # (label, settings of litv2.models.layers._Flags); each row adds one path to the previous one
@@ -57,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    with restored_process_settings():
+        return _main(argv)
+
+
+def _main(argv=None) -> dict:
     args = parse_args(argv)
     from litv2.models import layers
 

@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
     add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, cudnn_autotune, fmt, free_memory,
-    is_oom, machine_description, markdown_table, median_rate, resolve_devices, round_robin,
+    is_oom, machine_description, markdown_table, median_rate, resolve_devices, restored_process_settings, round_robin,
 )
 
 from litv2.models.attentions import (  # noqa: E402
@@ -399,6 +399,11 @@ def plot_resolutions(results: dict, args, device: torch.device, path: Path) -> N
 
 
 def main(argv=None) -> dict:
+    with restored_process_settings():
+        return _main(argv)
+
+
+def _main(argv=None) -> dict:
     args = parse_args(argv)
     methods = model_methods(args.in_model) if args.in_model else layer_methods(args.dim, args.heads)
     if args.list:

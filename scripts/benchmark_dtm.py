@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
     add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, create_litv2, cudnn_autotune, fmt,
-    machine_description, markdown_table, resolve_devices, round_robin,
+    machine_description, markdown_table, resolve_devices, restored_process_settings, round_robin,
 )
 
 KERNELS = ("torchvision", "resampled")
@@ -95,6 +95,11 @@ def kernel_fn(kernel: str, shape: dict):
 
 
 def main(argv=None) -> dict:
+    with restored_process_settings():
+        return _main(argv)
+
+
+def _main(argv=None) -> dict:
     args = parse_args(argv)
     apply_cpu_options(args)
     devices = resolve_devices(args.devices)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
     add_cpu_options, add_gpu_options, apply_cpu_options, calls_per_sample, cudnn_autotune, fmt, free_memory,
     inference_fn, is_oom, machine_description, markdown_table, matmul_peak_gflops, median_rate, resolve_devices,
-    round_robin, train_step_fn,
+    restored_process_settings, round_robin, train_step_fn,
 )
 
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
@@ -241,15 +241,21 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    with restored_process_settings():
+        if args.inductor_freezing:
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(freezing=True):
+                return run(args, argv)
+        return run(args, argv)
+
+
+def run(args, argv=None) -> dict:
     from litv2.profiling import count_flops, count_params
 
     apply_cpu_options(args)
     devices = resolve_devices(args.devices)
     cudnn_autotune(devices)
     names = expand_models(args.models, args.compile)
-    if args.inductor_freezing:
-        import torch._inductor.config as inductor_config
-        inductor_config.freezing = True
     t0 = time.perf_counter()
 
     peak, peak_dtype = {}, {}

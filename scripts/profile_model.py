@@ -29,7 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import add_cpu_options, apply_cpu_options, cudnn_autotune  # noqa: E402
+from _bench_common import (  # noqa: E402
+    add_cpu_options, apply_cpu_options, cudnn_autotune, restored_process_settings,
+)
 
 
 def _timer(device: torch.device):
@@ -66,6 +68,11 @@ def stage_parts(model, x) -> list[tuple[str, Callable[[], object]]]:
 
 
 def main(argv=None) -> dict:
+    with restored_process_settings():
+        return _main(argv)
+
+
+def _main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="litv2_s")
     p.add_argument("--batch-size", type=int, default=16)

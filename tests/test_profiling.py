@@ -150,10 +150,15 @@ def test_profile_model_script_smoke():
 def test_profile_model_memory_and_compile(monkeypatch, capsys):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    from litv2.models.layers import cpu_fast_paths
+
     script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
+    threads = torch.get_num_threads()
     result = script["main"](["--batch-size", "2", "--img-size", "64", "--rounds", "1", "--row-limit", "3",
-                             "--memory", "--compile", "--kwargs", "embed_dim=16,depths=[1,1,2,1],num_heads=[1,2,4,8]"])
+                             "--memory", "--compile", "--linear-kernel", "addmm", "--threads", "1",
+                             "--kwargs", "embed_dim=16,depths=[1,1,2,1],num_heads=[1,2,4,8]"])
     assert compiled == [{"dynamic": False}]
+    assert cpu_fast_paths() and torch.get_num_threads() == threads  # the run's settings are undone
     assert set(result["stage_peak_mib"]) == set(result["stages"]) and min(result["stage_peak_mib"].values()) >= 0
     out = capsys.readouterr().out
     assert ", compiled" in out and "| part (eager) | ms | share | peak MiB |" in out

@@ -59,9 +59,11 @@ def test_benchmark_attention_smoke_matches_table_iv(tmp_path):
 
 
 def test_benchmark_attention_resolutions_smoke(tmp_path):
+    threads = torch.get_num_threads()
     load_script("benchmark_attention.py")["main"](["--smoke", "--resolutions", "64,32", "--methods",
                                                    "hilo,msa,linformer", "--dim", "64", "--heads", "4",
-                                                   "--out-dir", str(tmp_path)])
+                                                   "--threads", "1", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == threads
     res = json.loads((tmp_path / "attention_resolutions.json").read_text())["results"]
     for key in ("hilo", "msa", "linformer"):
         pts = res[key]["points"]
@@ -340,8 +342,11 @@ def test_benchmark_models_measures_each_models_memory_alone_on_the_device(tmp_pa
 def test_benchmark_models_compile_adds_a_compiled_row_per_model(tmp_path, monkeypatch):
     compile_, compiled = torch.compile, []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or compile_(model, **kw))
+    import torch._inductor.config as inductor_config
+
     payload = load_script("benchmark_models.py")["main"](["--smoke", "--no-peak", "--compile", "--memory", "--models",
-                                                         "resnet18", "--out-dir", str(tmp_path)])
+                                                         "resnet18", "--inductor-freezing", "--out-dir", str(tmp_path)])
+    assert inductor_config.freezing is False  # set for the run only
     rows = payload["rows"]
     assert list(rows) == ["resnet18", "resnet18@compile"] and compiled == [{"dynamic": False}]
     assert rows["resnet18@compile"]["params"] == rows["resnet18"]["params"]
@@ -383,7 +388,9 @@ def test_benchmark_models_times_fastervit_inference_in_its_deploy_mode_and_train
 # ---- benchmark_dtm -----------------------------------------------------------------------------------------
 
 def test_benchmark_dtm_smoke_times_both_kernels_on_every_dtm_and_they_agree(tmp_path, capsys):
-    payload = load_script("benchmark_dtm.py")["main"](["--smoke", "--out-dir", str(tmp_path)])
+    threads = torch.get_num_threads()
+    payload = load_script("benchmark_dtm.py")["main"](["--smoke", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # main() puts the caller's thread count back
     results = payload["results"]
     # litv2_s at 64x64: 16x16x96 -> 192, 8x8x192 -> 384, 4x4x384 -> 768
     assert [r["input"] for r in results] == [[96, 16, 16], [192, 8, 8], [384, 4, 4]]
