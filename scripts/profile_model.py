@@ -130,8 +130,10 @@ def _main(argv=None) -> dict:
         print(f"{args.model}: batch {args.batch_size}, {args.img_size}px, {args.device}, {args.amp}, "
               f"{'train step' if args.train else 'inference'}, {torch.get_num_threads()} threads, "
               f"linear kernel {args.linear_kernel}{', compiled' if args.compile else ''}")
+        passes = 3 if args.train else 1  # a backward pass costs about twice the forward's FLOPs
         print(f"full pass {total:.1f} ms = {result['img_per_s']:.2f} img/s; "
-              f"{flops / 1e9:.3f} GFLOPs (MACs)/img -> {2 * flops * args.batch_size / total / 1e6:.1f} GFLOP/s achieved")
+              f"{flops / 1e9:.3f} GFLOPs (MACs)/img -> {2 * passes * flops * args.batch_size / total / 1e6:.1f} "
+              f"GFLOP/s achieved" + (" (forward + backward counted as 3x the forward)" if args.train else ""))
         if args.memory:
             result["peak_mib"] = peak_memory(full_pass, device) / 2 ** 20
             print(f"peak memory of the full pass: {result['peak_mib']:.1f} MiB "
