@@ -319,7 +319,6 @@ def test_convffn_recomputes_the_dwconv_output_too(recompute_gelu, fast_paths, am
             out.float().square().sum().backward()  # (on CPU an enclosing autocast changes backward kernels too)
             ref.float().square().sum().backward()
         assert [y.dtype for y in reruns] == [torch.bfloat16 if amp else torch.float32] * blocks
-        assert not any(y.requires_grad for y in reruns)  # no graph built in backward
         assert torch.equal(out, ref)
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
             assert torch.equal(p.grad, q.grad), name
@@ -327,10 +326,15 @@ def test_convffn_recomputes_the_dwconv_output_too(recompute_gelu, fast_paths, am
         cpu_fast_paths(previous)
 
 
-def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradients():
+def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradients(monkeypatch):
     """retain_graph: a second backward recomputes again; create_graph: double backward through the FFN (as
     gradient penalties need) gives the plain model's second-order gradients (autograd attaches the remade
-    tensors to the forward's graph)."""
+    tensors to the forward's graph, so the rerun builds no graph of its own)."""
+    import litv2.models.litv2 as litv2_module
+
+    reruns = []
+    run = litv2_module._DWConvRecompute._run
+    monkeypatch.setattr(litv2_module._DWConvRecompute, "_run", lambda self: reruns.append(run(self)) or reruns[-1])
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 8, requires_grad=True)
     models = [ConvFFN(8, 32, recompute_gelu=flag, recompute_dwconv=flag).train() for flag in (True, False)]
@@ -345,6 +349,7 @@ def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradie
     for a, b in zip(*results):
         for u, v in zip(a, b):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert len(reruns) >= 2 and not any(y.requires_grad for y in reruns)  # from the second on under create_graph
 
 
 def test_dwconv_recompute_stands_aside_for_conv_hooks_and_parametrizations():
@@ -362,11 +367,15 @@ def test_dwconv_recompute_stands_aside_for_conv_hooks_and_parametrizations():
     for u, v in zip(*grads):
         assert torch.equal(u, v)
 
-    model = ConvFFN(8, 32, recompute_dwconv=True).train()
+    plain, model = ConvFFN(8, 32).train(), ConvFFN(8, 32, recompute_dwconv=True).train()
+    model.load_state_dict(plain.state_dict())
     calls = []
-    model.dwconv.dwconv.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
-    model(x).sum().backward()
-    assert calls == [True]
+    for m in (plain, model):  # a hook that changes the output: the rerun (no hooks) would differ
+        m.dwconv.dwconv.register_forward_hook(lambda mod, inp, out: calls.append(torch.is_grad_enabled()) or out * 2)
+    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (plain, model)]
+    for u, v in zip(*grads):
+        assert torch.equal(u, v)
+    assert calls == [True, True]  # once per forward, none in backward
 
 
 def test_gelu_recompute_stands_aside_for_torch_func_and_disabled_hooks():

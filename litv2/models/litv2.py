@@ -75,8 +75,8 @@ class ConvFFN(nn.Module):
 
     Neither applies under ``torch.compile`` (inductor chooses what to recompute itself), tracing, export,
     other saved-tensor hooks (activation checkpointing recomputes the whole block anyway) or hooks switched
-    off (``torch.func``), nor for tensor subclasses or with FFN dropout. In these paths the depthwise
-    ``Conv2d`` is called directly, so forward hooks on the ``DWConv`` wrapper do not run (hooks on
+    off (``torch.func``), nor for tensor subclasses or with FFN dropout. When a recompute does apply, the
+    depthwise ``Conv2d`` is called directly, so forward hooks on the ``DWConv`` wrapper do not run (hooks on
     ``dwconv.dwconv`` do).
     """
 
