@@ -183,6 +183,7 @@ def test_resume_2_plus_2_equals_4_bitwise(digits, tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
     train_in_process(base + ["trainer.max_steps=2"], tmp_path / "first")
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's trainer.deterministic=true is undone
     train_in_process(base + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'first' / 'last.pth'}"],
                      tmp_path / "second")
     a, b = load_state(tmp_path / "straight" / "last.pth"), load_state(tmp_path / "second" / "last.pth")

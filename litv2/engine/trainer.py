@@ -71,8 +71,9 @@ def train(cfg, run_dir=None) -> dict:
     try:
         with StopOnSignal() as stop:
             return _train(cfg, run_dir, info, stop)
-    finally:  # leave the process as we found it (tests and Hydra multirun run several jobs in one); the one
-        # exception is glibc's malloc setting (trainer.cpu_keep_freed_memory), which keeps the peak for good
+    finally:  # leave the process as we found it (tests and Hydra multirun run several jobs in one), except for
+        # the global RNGs (seeded from cfg.seed) and glibc's malloc setting (trainer.cpu_keep_freed_memory),
+        # which keeps the peak for good
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         cleanup()
