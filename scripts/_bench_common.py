@@ -170,7 +170,8 @@ def calls_per_sample(device, args) -> int:
 def restored_process_settings():
     """Around a script's work: puts back what the run sets for its own process (thread count, cuDNN autotuning,
     the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
-    as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays."""
+    as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays, as does the global
+    RNG state the scripts seed."""
     from litv2.models.layers import cpu_fast_paths
 
     threads, benchmark, fast = torch.get_num_threads(), torch.backends.cudnn.benchmark, cpu_fast_paths()

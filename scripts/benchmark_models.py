@@ -31,6 +31,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -146,6 +147,8 @@ def build_model(name: str, img_size: int) -> nn.Module:
     ``<litv2 name>@addmm`` builds that LITv2 with the plain ``F.linear`` kernel (see PlainLinearKernel);
     ``<litv2 name>@keep-gelu`` builds it with ``recompute_gelu=False`` (its ConvFFNs keep their GELU
     outputs for backward, as the authors' code does: the train memory / speed A/B of that option);
+    ``<litv2 name>@recompute-dwconv`` builds it with ``recompute_dwconv=True`` (its ConvFFNs recompute the
+    depthwise-conv outputs in backward too); these two suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
     ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``).
     """
     import timm
@@ -241,15 +244,19 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    with restored_process_settings():
-        if args.inductor_freezing:
-            import torch._inductor.config as inductor_config
-            with inductor_config.patch(freezing=True):
-                return run(args, argv)
-        return run(args, argv)
+    with restored_process_settings(), freezing(args.inductor_freezing):
+        return _main(args, argv)
 
 
-def run(args, argv=None) -> dict:
+def freezing(enabled: bool):
+    """``--inductor-freezing``: inductor's weight freezing for the models compiled during this run only."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(freezing=True)
+
+
+def _main(args, argv=None) -> dict:
     from litv2.profiling import count_flops, count_params
 
     apply_cpu_options(args)
