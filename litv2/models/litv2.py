@@ -21,6 +21,7 @@ depthwise conv and DTM need no layout copies.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -139,18 +140,16 @@ class _DWConvRecompute:
     def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
         self.conv, self.x, self.y = conv, x, None
         self.weight, self.bias = conv.weight, conv.bias  # what this forward used
-        self.device_type = x.device.type
-        self.has_autocast = torch.amp.is_autocast_available(self.device_type)
-        if self.has_autocast:
-            self.autocast = torch.is_autocast_enabled(self.device_type)
-            self.dtype = torch.get_autocast_dtype(self.device_type)
+        device = x.device.type
+        self.autocast = None  # devices without autocast (e.g. meta): none to re-enter
+        if torch.amp.is_autocast_available(device):
+            self.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
+                                 enabled=torch.is_autocast_enabled(device))
 
     def _run(self) -> torch.Tensor:
-        with torch.no_grad():
-            if not self.has_autocast:  # e.g. the meta device
-                return self.conv._conv_forward(self.x, self.weight, self.bias)
-            with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
-                return self.conv._conv_forward(self.x, self.weight, self.bias)
+        autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(**self.autocast)
+        with torch.no_grad(), autocast:
+            return self.conv._conv_forward(self.x, self.weight, self.bias)
 
     def keep(self) -> torch.Tensor:
         if self.y is None:
