@@ -352,6 +352,12 @@ def test_dwconv_recompute_gives_the_same_second_backward_and_second_order_gradie
     assert len(reruns) >= 2 and not any(y.requires_grad for y in reruns)  # from the second on under create_graph
 
 
+def test_dwconv_recompute_runs_on_a_device_without_autocast():
+    """The meta device (shape checks, deferred init) has no autocast state to record."""
+    model = ConvFFN(8, 32, recompute_dwconv=True).to("meta").train()
+    assert model(torch.randn(2, 5, 7, 8, device="meta", requires_grad=True)).shape == (2, 5, 7, 8)
+
+
 def test_dwconv_recompute_stands_aside_for_conv_hooks_and_parametrizations():
     """A hooked or parametrized depthwise conv keeps its output: spectral norm's power iteration runs once per
     forward (gradients equal the plain model's), and a forward hook sees one call per forward."""
