@@ -16,20 +16,11 @@ from timm.scheduler import CosineLRScheduler
 
 from litv2.errors import UserError
 
-
-def _import_param_groups_weight_decay():
-    """``timm.optim.param_groups_weight_decay``. Importing ``timm.optim`` sets torch's dynamo recompile limit
-    (``cache_size_limit``) from 8 to 1,000,000 for its Kron optimizer; torch's own limit is kept, so a model
-    that keeps recompiling under ``trainer.compile=true`` still stops recompiling and says so."""
-    config = getattr(torch, "_dynamo", None) and torch._dynamo.config
-    limit = getattr(config, "cache_size_limit", None)
-    from timm.optim import param_groups_weight_decay
-    if limit is not None:
-        config.cache_size_limit = limit
-    return param_groups_weight_decay
-
-
-param_groups_weight_decay = _import_param_groups_weight_decay()
+# Importing timm.optim sets torch's dynamo recompile limit (cache_size_limit) from 8 to 1,000,000 for its Kron
+# optimizer; torch's own limit is kept, so a model that keeps recompiling under trainer.compile=true still stops.
+_recompile_limit = torch._dynamo.config.cache_size_limit
+from timm.optim import param_groups_weight_decay  # noqa: E402
+torch._dynamo.config.cache_size_limit = _recompile_limit
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASETS = ("imagenet", "folder", "digits", "synthetic")
