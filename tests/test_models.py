@@ -822,6 +822,61 @@ def test_cached_onednn_weights_follow_optimizer_and_ema_updates():
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
+def test_cached_onednn_weights_follow_computed_and_swapped_weights():
+    """A weight computed on every call (a parametrization, e.g. weight norm or a LoRA delta) or swapped in
+    with ``param.data = ...`` lives in a new storage, which the allocator may put at a freed one's address
+    with the same version: the cache must not take it for the weight it packed before."""
+    from torch.nn.utils import parametrize
+
+    from litv2.models import layers
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, w):
+            return w * self.scale
+
+    torch.manual_seed(0)
+    model = LITv2(**TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    cached = list(layers._packed_weights.keys())
+    packed = [m for m in model.modules() if m in cached]
+    assert {type(m).__name__ for m in packed} >= {"Linear", "Conv2d", "DeformConv2d"}
+    scale = torch.nn.Parameter(torch.ones(()))
+    for m in packed:
+        parametrize.register_parametrization(m, "weight", Scaled(scale))
+
+    def fast_and_plain():
+        with torch.no_grad():  # not inference_mode: its computed weights are inference tensors, never cached
+            fast = model(x)
+            layers.cpu_fast_paths(False)
+            try:
+                plain = model(x)
+            finally:
+                layers.cpu_fast_paths(True)
+        return fast, plain
+
+    for step in range(6):
+        with torch.no_grad():
+            scale.fill_(1.0 + 0.5 * step)
+        fast, plain = fast_and_plain()
+        torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-5, msg=f"parametrized, step {step}")
+
+    lin = layers.Linear(32, 32)
+    y = torch.randn(2, 4, 4, 32)
+    for step in range(20):  # two swaps between calls: the second storage may reuse the first's address
+        lin.weight.data = torch.randn(32, 32)
+        lin.weight.data = torch.randn(32, 32)
+        with torch.no_grad():
+            fast = lin(y)
+        torch.testing.assert_close(fast, F.linear(y, lin.weight, lin.bias), atol=1e-5, rtol=0,
+                                   msg=f"swapped, step {step}")
+
+
 def test_prune_intermediate_layers_keeps_requested_maps():
     torch.manual_seed(0)
     model = LITv2(**TINY).eval()

@@ -31,6 +31,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torchvision.ops import deform_conv2d
 
 __all__ = ["Linear", "cpu_fast_paths", "deform_conv2d_resampled", "dwconv_gelu", "inference_chunk",
@@ -79,7 +80,8 @@ def inference_chunk(x: torch.Tensor, widest_channels: int) -> int:
 
 _fused_conv = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 _reorder_weight = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
-_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight key, packed)
+# module -> (weight key, weak reference to the weight's storage, packed copy)
+_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -88,8 +90,13 @@ def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bi
     """``attr(conv(x))`` with a cached oneDNN-blocked copy of ``weight``, or ``None``.
 
     Only for fp32 CPU inference: no autograd, no autocast. The blocked copy is made once per module
-    and made again when the weight changes (an optimizer step or ``load_state_dict`` bumps the
-    tensor's version); a plain oneDNN conv reorders the weight on every call instead.
+    and made again when the weight changes: an optimizer step or ``load_state_dict`` bumps the
+    tensor's version; a weight computed on every call (a parametrization such as weight norm or a LoRA
+    delta) or swapped in with ``param.data = ...`` lives in another storage. The key names the storage
+    object; the entry holds a weak reference to it, which keeps that address from being given to a new
+    storage after the old one is freed (a data pointer alone can be reused). Writes through ``.data``
+    (``param.data.copy_(...)``) bump no version and go unseen. A plain oneDNN conv reorders the weight
+    on every call instead.
     """
     if (_fused_conv is None or _reorder_weight is None or not _Flags.onednn or not _fast_ok(x)
             or torch.compiler.is_compiling() or x.dtype != torch.float32
@@ -99,14 +106,15 @@ def _inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bi
     try:
         if not _Flags.packed_weights:
             return _fused_conv(x, weight, bias, padding, stride, [1, 1], groups, attr, [], "none")
-        key = (weight.data_ptr(), weight._version)
+        storage = weight.untyped_storage()
+        key = (storage._cdata, weight.data_ptr(), weight._version)
         entry = _packed_weights.get(module)
         if entry is None or entry[0] != key:
             with torch.no_grad():
                 packed = _reorder_weight(weight.detach().to_mkldnn(), padding, stride, [1, 1], groups,
                                          list(x.shape))
-            entry = _packed_weights[module] = (key, packed)
-        return _fused_conv(x, entry[1], bias, padding, stride, [1, 1], groups, attr, [], "none")
+            entry = _packed_weights[module] = (key, StorageWeakRef(storage), packed)
+        return _fused_conv(x, entry[2], bias, padding, stride, [1, 1], groups, attr, [], "none")
     except RuntimeError:  # a layout or build the oneDNN op does not take: caller's plain path
         return None
 
