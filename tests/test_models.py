@@ -744,6 +744,35 @@ def test_deform_conv2d_resampled_offset_gradient_at_zero_offsets_is_torchvisions
         torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
 
 
+def test_cpu_dtm_samples_channels_last_rows_without_grid_sample(monkeypatch):
+    """Eager CPU DTM: the samples come from ``embedding_bag`` over the channels-last map's pixel rows and come
+    out channels-last for the strided conv (``grid_sample`` wrote NCHW, and the conv then copied the whole
+    sampled map into channels-last first)."""
+    import torch.nn.functional as F
+
+    from litv2.models import layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 10, 8).permute(0, 3, 1, 2)  # NCHW view of a channels-last (B, H, W, C) map
+    offset = 1.5 * torch.randn(2, 8, 6, 5)
+    weight, bias = torch.randn(5, 8, 2, 2), torch.randn(5)
+    ref, ref_grads = _torchvision_deform_conv2d_and_grads(x, offset, weight, bias, 2, 0, torch.ones(2, 5, 6, 5))
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("grid_sample on the eager CPU path")
+
+    monkeypatch.setattr(F, "grid_sample", not_called)
+    sampled = layers._bilinear_patches(x, offset, 2, 2, 2, 0)
+    assert sampled.shape == (2, 8, 12, 10) and sampled.is_contiguous(memory_format=torch.channels_last)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
+    out = layers.resample_and_conv(*leaves, 2, 0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=0)
+    out.sum().backward()
+    for got, want in zip([t.grad for t in leaves], ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_deform_conv2d_resampled_takes_torchvision_when_switched_off(monkeypatch):
     from torchvision.ops import deform_conv2d
 

@@ -12,9 +12,10 @@ faster kernels than the default ones, computing the same sums (differences are f
 * at fp32 inference both take their weights in oneDNN's blocked layout, reordered once and cached
   per module (a plain oneDNN conv reorders them on every call; that costs most at batch 1);
 * torchvision's CPU ``deform_conv2d`` (DTM) samples its bilinear columns, and scatters their
-  gradients, with scalar code on one thread. The same deformable conv is computed as ``F.grid_sample``
-  (every tap's sampling point, laid out as ``kh x kw`` patches) followed by a plain conv at stride
-  ``kh x kw``: vectorised, multi-threaded kernels for forward and backward.
+  gradients, with scalar code on one thread. The same deformable conv is computed as a bilinear
+  resampling (every tap's sampling point, laid out as ``kh x kw`` patches; on CPU an ``F.embedding_bag``
+  over the channels-last map's pixel rows, elsewhere ``F.grid_sample``) followed by a plain conv at
+  stride ``kh x kw``: vectorised, multi-threaded kernels for forward and backward.
 
 ``cpu_fast_paths(False)`` switches all of them off (plain ``F.linear`` / conv then ``F.gelu`` /
 torchvision's ``deform_conv2d``), e.g. to compare. Eager GPUs, tracing (fvcore) and ``torch.export`` / ONNX
@@ -210,23 +211,54 @@ def _sampling_grid(offset: torch.Tensor, kh: int, kw: int, stride: int, padding:
     return grid.view(B, Ho * kh, Wo * kw, 2)
 
 
+def _bilinear_patches(x: torch.Tensor, offset: torch.Tensor, kh: int, kw: int, stride: int,
+                      padding: int) -> torch.Tensor:
+    """Every tap's bilinear sample as a channels-last ``(B, C, Ho * kh, Wo * kw)`` map, by ``F.embedding_bag``.
+
+    A bilinear sample is a weighted sum of four pixels, i.e. a bag of four rows of the ``(B * H * W, C)``
+    table that a channels-last map already is, with per-sample weights. ``embedding_bag`` gathers whole
+    channel rows in one vectorised pass and writes the result channels-last, the layout the strided conv
+    after it wants (``grid_sample`` writes NCHW and reads one channel at a time, and its output then
+    needs a layout copy). Positions and weights follow torchvision's ``bilinear_interpolate``: row
+    ``floor(y)`` and ``floor(y) + 1`` with weights ``1 - ly`` and ``ly`` (``ly = y - floor(y)``), a corner
+    off the map contributes zero (its weight is masked), so the offset gradient at an integer position is
+    torchvision's one-sided difference. Autograd gives the gradients: to ``x`` through the table, to the
+    offsets through the per-sample weights.
+    """
+    B, C, H, W = x.shape
+    Ho, Wo = offset.shape[-2:]
+    table = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # free for a channels-last x
+    off = offset.view(B, kh, kw, 2, Ho, Wo)
+    arange = lambda n: torch.arange(n, dtype=offset.dtype, device=offset.device)  # noqa: E731
+    rows = (arange(Ho) * stride - padding).view(Ho, 1, 1, 1) + arange(kh).view(1, kh, 1, 1)
+    cols = (arange(Wo) * stride - padding).view(1, 1, Wo, 1) + arange(kw).view(1, 1, 1, kw)
+    y = off[:, :, :, 0].permute(0, 3, 1, 4, 2) + rows  # (B, Ho, kh, Wo, kw): output row i * kh + a, column j * kw + b
+    x_ = off[:, :, :, 1].permute(0, 3, 1, 4, 2) + cols
+    y0, x0 = y.floor(), x_.floor()
+    ly, lx = y - y0, x_ - x0
+    ys, xs = torch.stack((y0, y0 + 1), -1), torch.stack((x0, x0 + 1), -1)  # the two rows / columns
+    wy = torch.stack((1 - ly, ly), -1) * ((ys >= 0) & (ys <= H - 1))  # zero weight off the map
+    wx = torch.stack((1 - lx, lx), -1) * ((xs >= 0) & (xs <= W - 1))
+    index_dtype = torch.int32 if B * H * W < 2 ** 31 else torch.int64
+    base = torch.arange(B, dtype=index_dtype, device=x.device).view(B, 1, 1, 1, 1, 1) * (H * W)
+    rows_i = base + ys.clamp(0, H - 1).to(index_dtype) * W
+    index = (rows_i.unsqueeze(-1) + xs.clamp(0, W - 1).to(index_dtype).unsqueeze(-2)).view(-1, 4)
+    weights = (wy.unsqueeze(-1) * wx.unsqueeze(-2)).view(-1, 4)
+    sampled = F.embedding_bag(index, table, mode="sum", per_sample_weights=weights.to(table.dtype))
+    return sampled.view(B, Ho * kh, Wo * kw, C).permute(0, 3, 1, 2)
+
+
 def deform_conv2d_resampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             stride: int, padding: int, module: nn.Module | None = None) -> torch.Tensor:
     """``torchvision.ops.deform_conv2d`` (one offset group, no mask, dilation 1); on CPU as resample + conv.
 
     A deformable conv is a plain convolution of the bilinearly resampled input: sample every tap's point
-    (:func:`_sampling_grid`) with ``F.grid_sample`` (zeros outside the map, as torchvision), which lays
-    them out as ``kh x kw`` patches, then convolve with the same weights at stride ``(kh, kw)``. Both are
-    vectorised, multi-threaded kernels with their own backward; torchvision's CPU op samples columns
-    and scatters gradients with scalar code on one thread. On LITv2-S's DTM shapes at batch 16 this
-    was 2-4x faster forward and 3-5x faster forward + backward than even torchvision's op run per
-    channel group on two threads (the project's CPU; see the README's Performance section).
-
-    When gradients are needed the input is zero-padded to power-of-two sides first: then an integer
-    sampling position (every position while the offsets are still zero, as at initialisation) goes
-    through ``grid_sample``'s normalised coordinates exactly, and the offset gradient there is the same
-    one-sided difference torchvision takes. Without padding a position may come back one float step
-    below the integer, which changes a value by float rounding only but the slope to the left neighbour.
+    (zeros outside the map, as torchvision), laid out as ``kh x kw`` patches, then convolve with the same
+    weights at stride ``(kh, kw)``. Both are vectorised, multi-threaded kernels with their own backward;
+    torchvision's CPU op samples columns and scatters gradients with scalar code on one thread. On
+    LITv2-S's DTM shapes at batch 16 this was 2-4x faster forward and 3-5x faster forward + backward
+    than even torchvision's op run per channel group on two threads (see the README's Performance
+    section). See :func:`resample_and_conv` for the sampling kernels.
     With ``module`` (the owner of ``weight``) the strided conv takes the cached blocked weight at inference.
     """
     kh, kw = weight.shape[-2:]
@@ -251,17 +283,29 @@ def resample_and_conv(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
                       stride: int, padding: int, module: nn.Module | None = None) -> torch.Tensor:
     """The resampled deformable conv itself, on any device (no fast-path checks; see above).
 
-    The model takes it on CPU only; ``scripts/benchmark_dtm.py`` times it against torchvision's op on
-    CPU and CUDA.
+    Eager on CPU the samples come from :func:`_bilinear_patches` (``F.embedding_bag``, channels-last in
+    and out, torchvision's bilinear arithmetic). Under ``torch.compile`` and on other devices they come
+    from ``F.grid_sample`` (:func:`_sampling_grid`), which inductor fuses. When gradients are needed
+    there, the input is zero-padded to power-of-two sides first: then an integer sampling position
+    (every position while the offsets are still zero, as at initialisation) goes through
+    ``grid_sample``'s normalised coordinates exactly, and the offset gradient there is the same one-sided
+    difference torchvision takes. Without padding a position may come back one float step below the
+    integer, which changes a value by float rounding only but the slope to the left neighbour.
+
+    The model takes it on CPU (and compiled); ``scripts/benchmark_dtm.py`` times it against torchvision's
+    op on CPU and CUDA.
     """
     kh, kw = weight.shape[-2:]
-    H, W = x.shape[-2:]
-    size_h, size_w = H, W
-    if not _no_grad_needed(x, offset, weight, bias):
-        size_h, size_w = 1 << (H - 1).bit_length(), 1 << (W - 1).bit_length()
-        x = F.pad(x, (0, size_w - W, 0, size_h - H))
-    grid = _sampling_grid(offset, kh, kw, stride, padding, size_h, size_w)
-    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        sampled = _bilinear_patches(x, offset, kh, kw, stride, padding)
+    else:
+        H, W = x.shape[-2:]
+        size_h, size_w = H, W
+        if not _no_grad_needed(x, offset, weight, bias):
+            size_h, size_w = 1 << (H - 1).bit_length(), 1 << (W - 1).bit_length()
+            x = F.pad(x, (0, size_w - W, 0, size_h - H))
+        grid = _sampling_grid(offset, kh, kw, stride, padding, size_h, size_w)
+        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out = None if module is None else _inference_conv(sampled, module, weight, bias, [0, 0], 1, stride=[kh, kw])
     if out is None:  # a channels-last weight makes oneDNN write a channels-last output, as the blocks want
         out = F.conv2d(sampled, weight.contiguous(memory_format=torch.channels_last), bias, stride=(kh, kw))
