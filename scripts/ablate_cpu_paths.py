@@ -7,8 +7,8 @@ one, all timed alternately in one run (round-robin, median).
 
 Rows (each adds to the one above): plain kernels (``F.linear``, conv then GELU, one
 ``deform_conv2d`` call); linear layers as oneDNN 1x1 convs and fused dwconv+GELU; DTM's deformable
-conv as ``grid_sample`` + a strided conv; stage blocks in batch chunks; cached oneDNN-blocked
-weights (= the default). Batch chunks and blocked weights are inference-only, so in ``--train`` their
+conv as ``grid_sample`` + a strided conv; its samples by ``embedding_bag`` over the channels-last map
+instead; stage blocks in batch chunks; cached oneDNN-blocked weights (= the default). Batch chunks and blocked weights are inference-only, so in ``--train`` their
 rows time the same work as the row above them.
 """
 from __future__ import annotations
@@ -28,9 +28,11 @@ from _bench_common import (  # noqa: E402
 
 # (label, settings of litv2.models.layers._Flags); each row adds one path to the previous one
 STEPS = (
-    ("plain kernels", dict(onednn=False, dtm_resample=False, chunk_bytes=0, packed_weights=False)),
+    ("plain kernels", dict(onednn=False, dtm_resample=False, dtm_embedding_bag=False, chunk_bytes=0,
+                           packed_weights=False)),
     ("+ linear as oneDNN 1x1 conv, fused dwconv+GELU", dict(onednn=True)),
-    ("+ DTM as bilinear resampling + strided conv", dict(dtm_resample=True)),
+    ("+ DTM as bilinear resampling (grid_sample) + strided conv", dict(dtm_resample=True)),
+    ("+ DTM samples by embedding_bag, channels-last", dict(dtm_embedding_bag=True)),
     ("+ stage blocks in batch chunks (inference)", dict(chunk_bytes=None)),
     ("+ cached oneDNN-blocked weights (inference) = default", dict(packed_weights=True)),
 )
@@ -71,7 +73,7 @@ def _main(argv=None) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     step = (train_step_fn if args.train else inference_fn)(model, x)
 
-    default = {k: getattr(layers._Flags, k) for k in ("onednn", "dtm_resample", "chunk_bytes", "packed_weights")}
+    default = {k: getattr(layers._Flags, k) for k in STEPS[0][1]}
     settings, current = {}, {}
     for label, change in STEPS:
         current.update({k: default[k] if v is None else v for k, v in change.items()})

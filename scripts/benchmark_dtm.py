@@ -4,13 +4,15 @@
     python scripts/benchmark_dtm.py --devices cuda --batch-size 64 # the A/B a GPU session needs
     python scripts/benchmark_dtm.py --smoke                        # seconds-long check
 
-For each deformable conv of the model (input shapes taken from one forward at ``--img-size``) both kernels
+For each deformable conv of the model (input shapes taken from one forward at ``--img-size``) three kernels
 run on the same input, offsets (uniform in +-``--offset-px`` pixels, i.e. off the pixel grid, like a
-trained DTM's), weights and bias: forward under inference mode, and forward + backward with gradients for
-all four inputs. Timings are round-robin medians (milliseconds); the table also gives the largest output
-difference between the two kernels, so a row that is fast but wrong shows. On CPU the model takes the
-resampled kernel (``litv2.models.layers.resample_and_conv``); on CUDA it takes torchvision's, and this
-script is how to decide whether that should change. fp32 throughout: LITv2 runs DTM in fp32 under autocast.
+trained DTM's), weights and bias: torchvision's op, and ``litv2.models.layers.resample_and_conv`` with each of
+its two bilinear samplers, ``grid_sample`` (what compiled models and GPUs use) and ``embedding_bag`` (what the
+model uses eager on CPU). Each is timed forward under inference mode, and forward + backward with gradients for
+all four inputs. Timings are round-robin medians (milliseconds), one table row per kernel, with its speed-up
+over torchvision's op and its largest output difference from it, so a row that is fast but wrong shows. On
+CUDA the model takes torchvision's op eager; this script is how to decide whether that should change. fp32
+throughout: LITv2 runs DTM in fp32 under autocast.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from _bench_common import (  # noqa: E402
     machine_description, markdown_table, resolve_devices, restored_process_settings, round_robin,
 )
 
-KERNELS = ("torchvision", "resampled")
+KERNELS = ("torchvision", "grid_sample", "embedding_bag")  # the last two: resample_and_conv's samplers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +93,7 @@ def kernel_fn(kernel: str, shape: dict):
     s, p = shape["stride"], shape["padding"]
     if kernel == "torchvision":
         return lambda x, o, w, b: deform_conv2d(x, o, w, b, stride=s, padding=p)
-    return lambda x, o, w, b: resample_and_conv(x, o, w, b, s, p)
+    return lambda x, o, w, b: resample_and_conv(x, o, w, b, s, p, sampler=kernel)
 
 
 def main(argv=None) -> dict:
@@ -130,19 +132,18 @@ def _main(argv=None) -> dict:
             times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup,
                                          calls_per_sample=calls_per_sample(device, args))
             ms = {k: errors.get(k) or 1e3 * statistics.median(times[k]) for k in fns}
-            diff = (outputs["torchvision"] - outputs["resampled"]).abs().max().item()
-            speedup = {what: (ms[f"torchvision {what}"] / ms[f"resampled {what}"]
-                              if all(isinstance(ms[f"{k} {what}"], float) for k in KERNELS) else None)
-                       for what in ("fwd", "fwd+bwd")}
+            ratio = lambda a, b: a / b if isinstance(a, float) and isinstance(b, float) else None  # noqa: E731
+            speedup = {k: {what: ratio(ms[f"torchvision {what}"], ms[f"{k} {what}"]) for what in ("fwd", "fwd+bwd")}
+                       for k in KERNELS}
+            diff = {k: (outputs["torchvision"] - outputs[k]).abs().max().item() for k in KERNELS}
             results.append(dict(device=device.type, **shape, batch=args.batch_size, ms=ms, speedup=speedup,
                                 max_abs_diff=diff))
             c, h, w = shape["input"]
-            table.append([device.type, shape["name"], f"{c}x{h}x{w} -> {shape['weight'][0]}",
-                          fmt(ms["torchvision fwd"], ".2f"), fmt(ms["resampled fwd"], ".2f"),
-                          fmt(speedup["fwd"], ".2f"), fmt(ms["torchvision fwd+bwd"], ".2f"),
-                          fmt(ms["resampled fwd+bwd"], ".2f"), fmt(speedup["fwd+bwd"], ".2f"), f"{diff:.1e}"])
-    headers = ["Device", "DTM", "Input -> out channels", "torchvision fwd (ms)", "resampled fwd (ms)", "× fwd",
-               "torchvision fwd+bwd (ms)", "resampled fwd+bwd (ms)", "× fwd+bwd", "max |diff|"]
+            table += [[device.type, shape["name"], f"{c}x{h}x{w} -> {shape['weight'][0]}", k,
+                       fmt(ms[f"{k} fwd"], ".2f"), fmt(speedup[k]["fwd"], ".2f"), fmt(ms[f"{k} fwd+bwd"], ".2f"),
+                       fmt(speedup[k]["fwd+bwd"], ".2f"), f"{diff[k]:.1e}"] for k in KERNELS]
+    headers = ["Device", "DTM", "Input -> out channels", "kernel", "fwd (ms)", "× torchvision", "fwd+bwd (ms)",
+               "× torchvision", "max |diff|"]
     cmd = "python scripts/benchmark_dtm.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = "; ".join(machine_description(d) for d in devices)
     md = (f"{args.model} DTM deformable convs, batch {args.batch_size}, {args.img_size}px, fp32, offsets +-"

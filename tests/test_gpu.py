@@ -27,8 +27,9 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("sampler", ["grid_sample", "embedding_bag"])
 @pytest.mark.parametrize("offset_scale", [0.0, 2.5])
-def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale):
+def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale, sampler):
     """The A/B of scripts/benchmark_dtm.py compares equal functions: outputs and all four gradients, fp64."""
     from torchvision.ops import deform_conv2d
 
@@ -41,7 +42,7 @@ def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale):
     weight, bias = torch.randn(7, 6, 2, 2, **kw), torch.randn(7, **kw)
     grad_out = torch.randn(2, 7, 6, 8, **kw)
     results = []
-    for fn in (lambda *t: deform_conv2d(*t, stride=2, padding=0), lambda *t: resample_and_conv(*t, 2, 0)):
+    for fn in (lambda *t: deform_conv2d(*t, stride=2, padding=0), lambda *t: resample_and_conv(*t, 2, 0, sampler=sampler)):
         leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
         out = fn(*leaves)
         out.backward(grad_out)

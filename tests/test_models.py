@@ -689,16 +689,33 @@ def _torchvision_deform_conv2d_and_grads(x, offset, weight, bias, stride, paddin
     return out.detach(), [t.grad for t in leaves]
 
 
+def _forbid_the_other_sampler(monkeypatch, embedding_bag: bool) -> None:
+    """Make the sampler that ``_Flags.dtm_embedding_bag`` does not pick raise, so a test sees which one ran."""
+    from litv2.models import layers
+
+    def not_called(*args, **kwargs):
+        raise AssertionError(f"the {'grid_sample' if embedding_bag else 'embedding_bag'} sampler ran")
+
+    if embedding_bag:
+        monkeypatch.setattr(F, "grid_sample", not_called)
+    else:
+        monkeypatch.setattr(layers, "_bilinear_patches", not_called)
+
+
+@pytest.mark.parametrize("embedding_bag", [True, False], ids=["embedding_bag", "grid_sample"])
 @pytest.mark.parametrize("shape, kernel, stride, padding", [
     ((2, 6, 12, 16), 2, 2, 0),  # DTM's 2x2/2
     ((2, 5, 9, 7), 2, 2, 0),  # odd sides: the last row/column is not sampled by the grid
     ((1, 4, 8, 10), 3, 1, 1),  # 3x3/1 with zero padding: taps outside the map
     ((2, 3, 1, 6), 1, 1, 0),  # a one-pixel-high map
 ])
-def test_deform_conv2d_resampled_is_torchvisions_deformable_conv(monkeypatch, shape, kernel, stride, padding):
-    """DTM on CPU: grid_sample + strided conv gives torchvision's outputs and all four gradients."""
+def test_deform_conv2d_resampled_is_torchvisions_deformable_conv(monkeypatch, shape, kernel, stride, padding,
+                                                                 embedding_bag):
+    """DTM on CPU: resampling (either sampler) + strided conv gives torchvision's outputs and all four gradients."""
     from litv2.models import layers
 
+    monkeypatch.setattr(layers._Flags, "dtm_embedding_bag", embedding_bag)
+    _forbid_the_other_sampler(monkeypatch, embedding_bag)
     torch.manual_seed(0)
     B, C, H, W = shape
     Ho, Wo = (H + 2 * padding - kernel) // stride + 1, (W + 2 * padding - kernel) // stride + 1
@@ -721,8 +738,9 @@ def test_deform_conv2d_resampled_is_torchvisions_deformable_conv(monkeypatch, sh
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("embedding_bag", [True, False], ids=["embedding_bag", "grid_sample"])
 @pytest.mark.parametrize("H, W", [(56, 56), (28, 30)])
-def test_deform_conv2d_resampled_offset_gradient_at_zero_offsets_is_torchvisions(H, W):
+def test_deform_conv2d_resampled_offset_gradient_at_zero_offsets_is_torchvisions(monkeypatch, H, W, embedding_bag):
     """A fresh DTM samples whole pixels (offsets 0); fp32 gradients there must take torchvision's side.
 
     At an integer position the offset gradient is a one-sided difference. Unpadded, ``grid_sample``'s
@@ -730,6 +748,8 @@ def test_deform_conv2d_resampled_offset_gradient_at_zero_offsets_is_torchvisions
     """
     from litv2.models import layers
 
+    monkeypatch.setattr(layers._Flags, "dtm_embedding_bag", embedding_bag)
+    _forbid_the_other_sampler(monkeypatch, embedding_bag)
     torch.manual_seed(0)
     x = torch.randn(2, 8, H, W)
     offset = torch.zeros(2, 8, H // 2, W // 2)
@@ -761,7 +781,12 @@ def test_cpu_dtm_samples_channels_last_rows_without_grid_sample(monkeypatch):
     def not_called(*args, **kwargs):
         raise AssertionError("grid_sample on the eager CPU path")
 
+    with pytest.raises(ValueError, match="sampler must be 'embedding_bag', 'grid_sample' or None, got 'bicubic'"):
+        layers.resample_and_conv(x, offset, weight, bias, 2, 0, sampler="bicubic")
+    grid_sampled = layers.resample_and_conv(x, offset, weight, bias, 2, 0, sampler="grid_sample")
     monkeypatch.setattr(F, "grid_sample", not_called)
+    torch.testing.assert_close(layers.resample_and_conv(x, offset, weight, bias, 2, 0, sampler="embedding_bag"),
+                               grid_sampled, atol=1e-5, rtol=0)
     sampled = layers._bilinear_patches(x, offset, 2, 2, 2, 0)
     assert sampled.shape == (2, 8, 12, 10) and sampled.is_contiguous(memory_format=torch.channels_last)
     leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]

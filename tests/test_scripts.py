@@ -387,7 +387,7 @@ def test_benchmark_models_times_fastervit_inference_in_its_deploy_mode_and_train
 
 # ---- benchmark_dtm -----------------------------------------------------------------------------------------
 
-def test_benchmark_dtm_smoke_times_both_kernels_on_every_dtm_and_they_agree(tmp_path, capsys):
+def test_benchmark_dtm_smoke_times_all_three_kernels_on_every_dtm_and_they_agree(tmp_path, capsys):
     threads = torch.get_num_threads()
     payload = load_script("benchmark_dtm.py")["main"](["--smoke", "--threads", "1", "--out-dir", str(tmp_path)])
     assert torch.get_num_threads() == threads  # main() puts the caller's thread count back
@@ -395,10 +395,17 @@ def test_benchmark_dtm_smoke_times_both_kernels_on_every_dtm_and_they_agree(tmp_
     # litv2_s at 64x64: 16x16x96 -> 192, 8x8x192 -> 384, 4x4x384 -> 768
     assert [r["input"] for r in results] == [[96, 16, 16], [192, 8, 8], [384, 4, 4]]
     assert [r["weight"][:2] for r in results] == [[192, 96], [384, 192], [768, 384]]
+    kernels = {"torchvision", "grid_sample", "embedding_bag"}
     for r in results:
-        assert all(v > 0 for v in r["ms"].values()) and set(r["speedup"]) == {"fwd", "fwd+bwd"}
-        assert r["max_abs_diff"] < 1e-4  # same function, off-grid offsets
-    assert "| cpu | layers.1.downsample.dconv |" in capsys.readouterr().out
+        assert set(r["ms"]) == {f"{k} {what}" for k in kernels for what in ("fwd", "fwd+bwd")}
+        assert all(v > 0 for v in r["ms"].values()) and set(r["speedup"]) == kernels
+        assert r["speedup"]["torchvision"] == {"fwd": 1.0, "fwd+bwd": 1.0}
+        assert r["speedup"]["embedding_bag"]["fwd"] == r["ms"]["torchvision fwd"] / r["ms"]["embedding_bag fwd"]
+        assert r["max_abs_diff"]["torchvision"] == 0
+        assert all(d < 1e-4 for d in r["max_abs_diff"].values())  # same function, off-grid offsets
+    out = capsys.readouterr().out
+    for k in kernels:
+        assert f"| cpu | layers.1.downsample.dconv | 192x8x8 -> 384 | {k} |" in out
     with pytest.raises(SystemExit, match="must be a LITv2 model"):
         load_script("benchmark_dtm.py")["main"](["--smoke", "--model", "resnet50", "--out-dir", str(tmp_path)])
 
@@ -419,7 +426,7 @@ def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path
     payload = load_script("ablate_cpu_paths.py")["main"](["--smoke", "--out-dir", str(tmp_path)])
     assert dict(vars(layers._Flags)) == before
     rates = payload["img_per_s"]
-    assert list(rates)[0] == "plain kernels" and list(rates)[-1].endswith("= default") and len(rates) == 5
+    assert list(rates)[0] == "plain kernels" and list(rates)[-1].endswith("= default") and len(rates) == 6
     assert all(r > 0 for r in rates.values())
     out = capsys.readouterr().out
     assert "| plain kernels |" in out and "| 1.00 |" in out

@@ -45,6 +45,7 @@ class _Flags:
     onednn = True  # linear as 1x1 conv, fused dwconv+GELU
     packed_weights = True
     dtm_resample = True
+    dtm_embedding_bag = True  # eager CPU DTM samples by embedding_bag; False: grid_sample, as compiled / on GPUs
     chunk_bytes = 16 << 20  # 0: no batch chunks
 
 
@@ -280,25 +281,31 @@ def resampled_dtm_ok(x: torch.Tensor) -> bool:
 
 
 def resample_and_conv(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      stride: int, padding: int, module: nn.Module | None = None) -> torch.Tensor:
+                      stride: int, padding: int, module: nn.Module | None = None,
+                      sampler: str | None = None) -> torch.Tensor:
     """The resampled deformable conv itself, on any device (no fast-path checks; see above).
 
-    Eager on CPU the samples come from :func:`_bilinear_patches` (``F.embedding_bag``, channels-last in
-    and out, torchvision's bilinear arithmetic). Under ``torch.compile`` and on other devices they come
-    from ``F.grid_sample`` (:func:`_sampling_grid`), which inductor fuses. When gradients are needed
-    there, the input is zero-padded to power-of-two sides first: then an integer sampling position
-    (every position while the offsets are still zero, as at initialisation) goes through
-    ``grid_sample``'s normalised coordinates exactly, and the offset gradient there is the same one-sided
-    difference torchvision takes. Without padding a position may come back one float step below the
-    integer, which changes a value by float rounding only but the slope to the left neighbour.
+    ``sampler`` picks the bilinear sampling kernel; ``None`` = the model's choice. Eager on CPU that is
+    ``"embedding_bag"`` (:func:`_bilinear_patches`: channels-last in and out, torchvision's bilinear
+    arithmetic; ``_Flags.dtm_embedding_bag = False`` turns it off, for the ablation). Under
+    ``torch.compile`` and on other devices it is ``"grid_sample"`` (:func:`_sampling_grid`), which inductor
+    fuses. Either runs on any device. When gradients are needed, ``grid_sample``'s input is zero-padded
+    to power-of-two sides first: then an integer sampling position (every position while the offsets
+    are still zero, as at initialisation) goes through ``grid_sample``'s normalised coordinates exactly,
+    and the offset gradient there is the same one-sided difference torchvision takes. Without padding a
+    position may come back one float step below the integer, which changes a value by float rounding
+    only but the slope to the left neighbour.
 
-    The model takes it on CPU (and compiled); ``scripts/benchmark_dtm.py`` times it against torchvision's
-    op on CPU and CUDA.
+    The model takes it on CPU (and compiled); ``scripts/benchmark_dtm.py`` times both samplers against
+    torchvision's op on CPU and CUDA.
     """
     kh, kw = weight.shape[-2:]
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if sampler is None:
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        sampler = "embedding_bag" if eager_cpu and _Flags.dtm_embedding_bag else "grid_sample"
+    if sampler == "embedding_bag":
         sampled = _bilinear_patches(x, offset, kh, kw, stride, padding)
-    else:
+    elif sampler == "grid_sample":
         H, W = x.shape[-2:]
         size_h, size_w = H, W
         if not _no_grad_needed(x, offset, weight, bias):
@@ -306,6 +313,8 @@ def resample_and_conv(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
             x = F.pad(x, (0, size_w - W, 0, size_h - H))
         grid = _sampling_grid(offset, kh, kw, stride, padding, size_h, size_w)
         sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    else:
+        raise ValueError(f"sampler must be 'embedding_bag', 'grid_sample' or None, got {sampler!r}")
     out = None if module is None else _inference_conv(sampled, module, weight, bias, [0, 0], 1, stride=[kh, kw])
     if out is None:  # a channels-last weight makes oneDNN write a channels-last output, as the blocks want
         out = F.conv2d(sampled, weight.contiguous(memory_format=torch.channels_last), bias, stride=(kh, kw))
