@@ -8,8 +8,8 @@ one, all timed alternately in one run (round-robin, median).
 Rows (each adds to the one above): plain kernels (``F.linear``, conv then GELU, one
 ``deform_conv2d`` call); linear layers as oneDNN 1x1 convs and fused dwconv+GELU; DTM's deformable
 conv as ``grid_sample`` + a strided conv; its samples by ``embedding_bag`` over the channels-last map
-instead; stage blocks in batch chunks; cached oneDNN-blocked weights (= the default). Batch chunks and blocked weights are inference-only, so in ``--train`` their
-rows time the same work as the row above them.
+instead; stage blocks in batch chunks; cached oneDNN-blocked weights (= the default). Batch chunks and
+blocked weights are inference-only, so in ``--train`` their rows time the same work as the row above them.
 """
 from __future__ import annotations
 

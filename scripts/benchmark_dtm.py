@@ -96,6 +96,11 @@ def kernel_fn(kernel: str, shape: dict):
     return lambda x, o, w, b: resample_and_conv(x, o, w, b, s, p, sampler=kernel)
 
 
+def _ratio(a, b) -> float | None:
+    """``a / b`` for two timings; ``None`` when either is an error marker (e.g. OOM) instead of a time."""
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
 def main(argv=None) -> dict:
     with restored_process_settings():
         return _main(argv)
@@ -132,8 +137,7 @@ def _main(argv=None) -> dict:
             times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup,
                                          calls_per_sample=calls_per_sample(device, args))
             ms = {k: errors.get(k) or 1e3 * statistics.median(times[k]) for k in fns}
-            ratio = lambda a, b: a / b if isinstance(a, float) and isinstance(b, float) else None  # noqa: E731
-            speedup = {k: {what: ratio(ms[f"torchvision {what}"], ms[f"{k} {what}"]) for what in ("fwd", "fwd+bwd")}
+            speedup = {k: {what: _ratio(ms[f"torchvision {what}"], ms[f"{k} {what}"]) for what in ("fwd", "fwd+bwd")}
                        for k in KERNELS}
             diff = {k: (outputs["torchvision"] - outputs[k]).abs().max().item() for k in KERNELS}
             results.append(dict(device=device.type, **shape, batch=args.batch_size, ms=ms, speedup=speedup,

@@ -42,7 +42,8 @@ def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale, s
     weight, bias = torch.randn(7, 6, 2, 2, **kw), torch.randn(7, **kw)
     grad_out = torch.randn(2, 7, 6, 8, **kw)
     results = []
-    for fn in (lambda *t: deform_conv2d(*t, stride=2, padding=0), lambda *t: resample_and_conv(*t, 2, 0, sampler=sampler)):
+    for fn in (lambda *t: deform_conv2d(*t, stride=2, padding=0),
+               lambda *t: resample_and_conv(*t, 2, 0, sampler=sampler)):
         leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
         out = fn(*leaves)
         out.backward(grad_out)
