@@ -161,3 +161,114 @@ def test_two_nodes_one_rank_each_train_as_one_node_with_two(two_rank_run, tmp_pa
             dim = a.shape[0] // 3
             a, b = torch.cat([a[:dim], a[2 * dim:]]), torch.cat([b[:dim], b[2 * dim:]])
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_two_rank_litv2_run_has_no_gradient_copy_and_evaluates_the_ema_on_rank_0s_statistics(data, tmp_path):
+    """LITv2's depthwise-conv weight gradients arrive channels-last: DDP must not have to copy (and warn about)
+    them. Its EMA copy has BatchNorm buffers that differ per rank: the logged EMA metrics must be those of rank
+    0's EMA, i.e. what one process computes from the saved EMA weights on the whole val set."""
+    from litv2.data import build_eval_loader
+    from litv2.engine.builders import build_model
+    from litv2.engine.evaluate import evaluate
+
+    from engine_utils import TINY_LITV2, compose
+
+    args = ["experiment=quickstart", "data=folder", "data.num_classes=10", f"data.root={data}", "data.batch_size=8",
+            "trainer.max_steps=3", "trainer.log_every=1", "trainer.ema.enabled=true", "trainer.ema.decay=0.5",
+            f"paths.runs_root={tmp_path}", *TINY_LITV2, *FAST]
+    proc = torchrun(args)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Grad strides do not match" not in out, out[-4000:]
+    run_dir = next(tmp_path.rglob("config_hash")).parent
+    logged = metrics_rows(run_dir, "val_ema/loss")[-1]
+    cfg = compose(args)
+    ema = build_model(cfg)
+    ema.load_state_dict(load_state(run_dir / "last.pth")["ema"])
+    mine = evaluate(ema, build_eval_loader(cfg.data, data), torch.device("cpu"))
+    assert logged["val_ema/images"] == mine["images"] == 21
+    assert logged["val_ema/loss"] == pytest.approx(mine["loss"], rel=1e-5, abs=1e-6)
+
+
+def _resume_on_rank(rank, world_size, store_path, nodes, results):
+    import torch.distributed as dist
+
+    from litv2.engine import checkpoint as ckpt
+    from litv2.engine.distributed import DistInfo
+
+    os.chdir(nodes[rank])  # each rank on its own "node": the relative run dir is node-local storage
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"file://{store_path}")
+    try:
+        state, path = ckpt.load_resume_state_on_all_ranks("runs/r", "auto", DistInfo(rank, rank, world_size))
+        results[rank] = (state["progress"]["global_step"], float(state["model"]["w"][0]), str(path))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path):
+    """Rank 0 chooses the file; a rank that reads an older version of it (a stale network-file-system entry) or
+    cannot read it at all (a node-local runs_root) gets rank 0's copy: all replicas start at the same step."""
+    import torch.multiprocessing as mp
+
+    from litv2.engine import checkpoint as ckpt
+
+    def node(name, step=None, prev_step=None):
+        d = tmp_path / name / "runs" / "r"
+        d.mkdir(parents=True)
+        for file, s in ((ckpt.PREV, prev_step), (ckpt.LAST, step)):
+            if s is not None:
+                ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.full((3,), float(s))},
+                                  "progress": {"global_step": s}}, d / file)
+        return tmp_path / name
+
+    rank0 = node("node0", step=7, prev_step=6)
+    (rank0 / "runs" / "r" / ckpt.LAST).write_bytes(b"truncated")  # rank 0 falls back to last.prev.pth
+    for other in (node("stale", step=7, prev_step=5), node("local"), node("same", step=7, prev_step=6)):
+        results = mp.Manager().dict()
+        mp.start_processes(_resume_on_rank, args=(2, str(tmp_path / f"store-{other.name}"), [rank0, other], results),
+                           nprocs=2, start_method="fork")
+        assert dict(results) == {r: (6, 6.0, "runs/r/last.prev.pth") for r in (0, 1)}, other.name
+
+
+def _save_on_rank(rank, world_size, store_path, run_dir, results):
+    import time as time_
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from litv2.engine import checkpoint as ckpt
+    from litv2.engine import trainer
+    from litv2.engine.distributed import DistInfo
+
+    real = ckpt.save_atomic
+
+    def slow_save(*args, **kwargs):
+        time_.sleep(1.0)  # a big checkpoint on a slow file system
+        real(*args, **kwargs)
+        results["written"] = time_.time()
+
+    ckpt.save_atomic = slow_save
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"file://{store_path}")
+    try:
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = SimpleNamespace(info=DistInfo(rank, rank, world_size), progress=trainer.Progress(), start_time=0.0,
+                              model=model, optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None,
+                              cfg=OmegaConf.create({"a": 1}), run_dir=run_dir)
+        trainer.save(run, ckpt.LAST)
+        results[rank] = time_.time()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_rank_returns_from_a_save_before_rank_0_has_written_it(tmp_path):
+    """After a stop signal every rank saves and exits; a rank > 0 that exits while rank 0 still writes makes
+    torchrun / srun count a failure and kill rank 0 mid-write."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.start_processes(_save_on_rank, args=(2, str(tmp_path / "store"), tmp_path, results), nprocs=2,
+                       start_method="fork")
+    assert (tmp_path / "last.pth").exists()
+    assert results[1] >= results["written"] and results[0] >= results["written"]

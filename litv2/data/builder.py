@@ -17,16 +17,19 @@ from .samplers import ResumableSampler, ShardSampler
 log = logging.getLogger(__name__)
 
 
-def dataset_root(data_cfg, splits=("train", "val")) -> Path | None:
+def dataset_root(data_cfg, splits=("train", "val"), check: bool = True) -> Path | None:
     """Where the ImageFolder tree is (building the digits on first use); None for synthetic data.
 
-    Raises UserError, naming the path and the expected layout, if the tree is missing or malformed.
+    Raises UserError, naming the path and the expected layout, if the tree is missing or malformed (``check``;
+    ranks other than 0 skip the check rank 0 already made).
     """
     if data_cfg.name == "synthetic":
         return None
     if data_cfg.root is None:
         raise UserError(f"data.root is not set for data={data_cfg.name}")
     root = Path(str(data_cfg.root)).expanduser()
+    if not check:
+        return root
     if data_cfg.name == "digits":
         prepare_digits(root)
     check_image_folder(root, splits=splits, num_classes=data_cfg.num_classes)

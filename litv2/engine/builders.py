@@ -5,6 +5,7 @@ ends the program with one line (see litv2.errors.UserError).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from pathlib import Path
@@ -100,6 +101,32 @@ def lr_scale(cfg, world_size: int) -> float:
     """Linear LR scaling: global batch / optim.lr_base_batch."""
     global_batch = world_size * cfg.data.batch_size * cfg.trainer.accum_steps
     return global_batch / cfg.optim.lr_base_batch
+
+
+@contextlib.contextmanager
+def process_settings():
+    """Put back, on exit, the process-wide torch settings a run changes (determinism, cuDNN autotuning)."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def apply_process_settings(cfg, device: torch.device) -> None:
+    """trainer.deterministic (deterministic kernels, no cuDNN autotuning) or cuDNN autotuning; on CPU,
+    trainer.cpu_keep_freed_memory."""
+    from litv2.cpu import apply_cpu_settings
+
+    apply_cpu_settings(cfg.trainer, device)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def build_optimizer(cfg, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:

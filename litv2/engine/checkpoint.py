@@ -108,6 +108,50 @@ def load_resume_state(run_dir) -> tuple[dict, Path] | None:
     return None
 
 
+def has_checkpoint(run_dir) -> bool:
+    return (Path(run_dir) / LAST).exists() or (Path(run_dir) / PREV).exists()
+
+
+def load_resume_state_on_all_ranks(run_dir, resume_from: str, info) -> tuple[dict, Path]:
+    """The training checkpoint to resume from, the same on every rank.
+
+    Rank 0 chooses the file (``resume_from="auto"``: last.pth, else last.prev.pth; or the given path) and sends
+    its name; every other rank reads that file. A rank that cannot read it (a node-local ``paths.runs_root``) or
+    reads another version of it (a stale directory entry on a network file system) gets rank 0's copy instead,
+    so all replicas start from the same weights and step.
+    """
+    from .distributed import all_gather_object, broadcast_object
+
+    choice, state = None, None
+    if info.is_main:
+        try:
+            if resume_from == "auto":
+                state, path = load_resume_state(run_dir)
+            else:
+                state, path = load_file(resume_from), Path(resume_from)
+                if state.get("format") != FORMAT:
+                    raise CheckpointError(f"trainer.resume={resume_from} is not a training checkpoint of this framework")
+            choice = (str(path), state["progress"])
+        except CheckpointError as e:
+            choice = e
+    choice = broadcast_object(choice, info)
+    if isinstance(choice, CheckpointError):
+        raise CheckpointError(str(choice))
+    path, progress = Path(choice[0]), choice[1]
+    if not info.is_main:
+        try:
+            state = load_file(path)
+        except CheckpointError:
+            state = None
+    agree = state is not None and state.get("progress") == progress
+    if not all(all_gather_object(agree, info)):
+        sent = broadcast_object(state if info.is_main else None, info)
+        if not agree:
+            log.warning("rank %d: %s unreadable here or not rank 0's version; using rank 0's copy", info.rank, path)
+            state = sent
+    return state, path
+
+
 def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],

@@ -1,23 +1,23 @@
-"""The training job, top to bottom: run dir -> data -> model/optimizer -> resume -> epochs -> summary.
+"""The training job, top to bottom: setup -> resume -> fit (epochs of steps, validation, checkpoints) -> finish.
 
-``train(cfg, run_dir)`` is what train.py calls. Everything a step does is in
-``train_one_epoch``; evaluation is in :mod:`litv2.engine.evaluate`; saving and finding
-checkpoints in :mod:`litv2.engine.checkpoint`; ranks and collectives in
+``train(cfg, run_dir)`` is what train.py calls. :func:`setup` builds a :class:`Run`, which holds everything the
+job needs; every phase after it takes the run and fits on a screen. Evaluation is in
+:mod:`litv2.engine.evaluate`, checkpoint files in :mod:`litv2.engine.checkpoint`, ranks and collectives in
 :mod:`litv2.engine.distributed`.
 
-Exact resume: a checkpoint holds the weights, optimizer, GradScaler, EMA, the position
-(epoch, optimizer step within the epoch, global step) and the RNG state of every rank. Data
-order and per-sample augmentation are pure functions of (seed, epoch, position) (see
-:mod:`litv2.data.samplers`), and the LR is a pure function of the global step, so a resumed run
-continues exactly where the saved one was.
+Exact resume: a checkpoint holds the weights, optimizer, GradScaler, EMA, the position (epoch, optimizer step
+within the epoch, global step) and the RNG state of every rank. Data order and per-sample augmentation are pure
+functions of (seed, epoch, position) (see :mod:`litv2.data.samplers`), and the LR is a pure function of the
+global step, so a resumed run continues exactly where the saved one was.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,13 +26,13 @@ import torch
 from omegaconf import OmegaConf
 from timm.utils import ModelEmaV3
 
-from litv2.cpu import apply_cpu_settings
 from litv2.data import build_eval_loader, build_mixup_and_criterion, build_train_loader, dataset_root
 from litv2.errors import UserError
 from litv2.logging import RunLogger, log
 
 from . import checkpoint as ckpt
-from .builders import build_model, build_optimizer, build_scheduler, check_config, lr_scale
+from .builders import apply_process_settings, build_model, build_optimizer, build_scheduler, check_config, \
+    lr_scale, process_settings
 from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
                           init_distributed, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
@@ -56,34 +56,112 @@ class Progress:
     last_eval: dict = field(default_factory=dict)
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """Everything one training job holds, built by :func:`setup`."""
+    cfg: object
+    info: DistInfo
+    run_dir: Path
+    model: torch.nn.Module          # the plain model: what is saved, evaluated and averaged by the EMA
+    train_model: torch.nn.Module    # what a step calls: the model, DDP-wrapped and/or compiled
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    mixup_fn: Callable | None
+    criterion: Callable
+    train_loader: torch.utils.data.DataLoader
+    sampler: object
+    val_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    stop: StopOnSignal
+    logger: RunLogger | None = None
+    progress: Progress = field(default_factory=Progress)
+    start_time: float = field(default_factory=time.time)
+
+    @property
+    def global_batch(self) -> int:
+        return self.info.world_size * self.cfg.data.batch_size * self.cfg.trainer.accum_steps
 
 
 def train(cfg, run_dir=None) -> dict:
-    """Run (or continue) one training job; returns the summary (rank 0) or {} (other ranks)."""
+    """Run (or continue) one training job; returns the summary (rank 0) or {} (other ranks).
+
+    The process settings a run changes (determinism, cuDNN autotuning, TF32) are put back afterwards, so tests
+    and Hydra multiruns can run several jobs in one process; the global RNGs (seeded from ``cfg.seed``) and
+    glibc's malloc setting (``trainer.cpu_keep_freed_memory``, which keeps the peak for good) are not.
+    """
     check_config(cfg)
     info = init_distributed(cfg.trainer.device)
-    deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        with StopOnSignal() as stop:
-            return _train(cfg, run_dir, info, stop)
-    finally:  # leave the process as we found it (tests and Hydra multirun run several jobs in one), except for
-        # the global RNGs (seeded from cfg.seed) and glibc's malloc setting (trainer.cpu_keep_freed_memory),
-        # which keeps the peak for good
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.backends.cudnn.benchmark = benchmark
+        with process_settings(), StopOnSignal() as stop:
+            run = setup(cfg, run_dir, info, stop)
+            try:
+                fit(run)
+                return finish(run)
+            finally:
+                run.logger.close()
+    finally:
         cleanup()
 
 
-def decide_run_dir(cfg, run_dir, info: DistInfo):
-    """Rank 0 picks the run dir and the checkpoint to resume from; every rank gets the same answer.
+# ---- setup -------------------------------------------------------------------------------------------------
 
-    trainer.resume=auto continues `run_dir` if it holds a checkpoint, else the latest unfinished
-    run with the same config under paths.runs_root (so rerunning a killed command continues it).
+def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
+    """Data, run dir, model, optimizer, schedule, EMA, AMP; then resume, wrap for training and open the logs."""
+    t = cfg.trainer
+    root = _shared_dataset_root(cfg, info)
+    run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
+    train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size)
+    val_loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
+    steps_per_epoch = len(train_loader) // t.accum_steps
+    if steps_per_epoch < 1:
+        raise UserError(f"one epoch has fewer batches ({len(train_loader)}) than trainer.accum_steps={t.accum_steps}")
+
+    apply_process_settings(cfg, info.device)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    if t.init_from:
+        load_weights(model, t.init_from, strict=False)
+    model.to(info.device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model, info.world_size)
+    mixup_fn, criterion = build_mixup_and_criterion(cfg.aug, cfg.data.num_classes)
+    run = Run(cfg, info, run_dir, model, model, ModelEmaV3(model, decay=t.ema.decay) if t.ema.enabled else None,
+              optimizer, build_scheduler(cfg, optimizer, steps_per_epoch, info.world_size),
+              torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16"), mixup_fn, criterion,
+              train_loader, sampler, val_loader, steps_per_epoch, stop)
+    resume(run, resume_from)  # into the plain model, before the DDP wrap
+    run.train_model = _wrap_for_training(model, cfg, info)
+    run.logger = RunLogger(run_dir, cfg, enabled=info.is_main,
+                           resume_step=run.progress.global_step if resume_from is not None else None)
+    run.logger.info("run dir %s | %d rank(s) | global batch %d | lr %.3g | %d steps/epoch", run_dir,
+                    info.world_size, run.global_batch, cfg.optim.lr * lr_scale(cfg, info.world_size), steps_per_epoch)
+    run.start_time = time.time() - run.progress.elapsed_s
+    return run
+
+
+def _shared_dataset_root(cfg, info: DistInfo):
+    """The dataset root on every rank; rank 0 checks it (and builds the digits tree) first, so a bad root fails
+    on every rank with rank 0's one-line message."""
+    problem, root = None, None
+    if info.is_main:
+        try:
+            root = dataset_root(cfg.data)
+        except UserError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)  # also the barrier: the tree exists once this returns
+    if problem:
+        raise UserError(problem)
+    return root if info.is_main else dataset_root(cfg.data, check=False)
+
+
+def decide_run_dir(cfg, run_dir, info: DistInfo):
+    """Rank 0 picks the run dir and whether to resume; every rank gets the same answer.
+
+    trainer.resume=auto continues `run_dir` if it holds a checkpoint, else the latest unfinished run with the same
+    config under paths.runs_root (so rerunning a killed command continues it).
     """
     decision = None
     if info.is_main:
@@ -93,12 +171,12 @@ def decide_run_dir(cfg, run_dir, info: DistInfo):
         if resume not in (None, "none", "auto"):
             resume_from = str(resume)
         elif resume == "auto":
-            if not ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
+            if not ckpt.has_checkpoint(run_dir):
                 previous = ckpt.find_unfinished_run(cfg.paths.runs_root, cfg_hash, exclude=run_dir)
                 if previous is not None:
                     ckpt.remove_if_unused(run_dir)  # the dir Hydra just made for this command
                     run_dir = previous
-            if (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
+            if ckpt.has_checkpoint(run_dir):
                 resume_from = "auto"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config_hash").write_text(cfg_hash + "\n")
@@ -108,266 +186,248 @@ def decide_run_dir(cfg, run_dir, info: DistInfo):
     return Path(run_dir), resume_from
 
 
-def _train(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> dict:
-    t = cfg.trainer
-    device = info.device
-
-    # ---- data (rank 0 builds the digits tree first; a bad root fails here, on every rank, in one line)
-    problem = None
-    if info.is_main:
-        try:
-            root = dataset_root(cfg.data)
-        except UserError as e:
-            problem = str(e)
-    problem = broadcast_object(problem, info)  # also the barrier: the tree exists once this returns
-    if problem:
-        raise UserError(problem)
-    if not info.is_main:
-        root = dataset_root(cfg.data)
-    run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
-    train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size)
-    val_loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
-    steps_per_epoch = len(train_loader) // t.accum_steps
-    if steps_per_epoch < 1:
-        raise UserError(f"one epoch has fewer batches ({len(train_loader)}) than trainer.accum_steps={t.accum_steps}")
-
-    # ---- model, optimizer, schedule, EMA, AMP ------------------------------------------------------
-    apply_cpu_settings(t, device)  # CPU: glibc keeps freed memory (no page faults on big activations)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg)
-    if t.init_from:
-        load_weights(model, t.init_from, strict=False)
-    model.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=t.ema.decay) if t.ema.enabled else None
-    optimizer = build_optimizer(cfg, model, info.world_size)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, info.world_size)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    mixup_fn, criterion = build_mixup_and_criterion(cfg.aug, cfg.data.num_classes)
+def _wrap_for_training(model, cfg, info: DistInfo):
+    """DDP across ranks, then torch.compile if asked."""
     train_model = model
     if info.distributed:
         # BatchNorm exists only in the DTM blocks, where per-rank statistics are fine: no SyncBN.
+        # The gradients live in DDP's all-reduce buckets, laid out like their parameters: no copy into the
+        # buckets every step. They exist (as zeros) before the wrap and are zeroed, not freed, after each step
+        # (``_zero_grad``), so backward accumulates into them in that layout; a fresh gradient can come in
+        # another one (a depthwise conv's (C, 1, k, k) weight gradient from a channels-last input), which DDP
+        # would copy every step and warn about.
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        # Static shapes: a new input shape compiles a new graph instead of switching to symbolic sizes;
-        # with a symbolic image size inductor fails to lower LITv2 ("cannot determine truth value").
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    if cfg.trainer.compile:
+        # Static shapes: a new input shape compiles a new graph instead of switching to symbolic sizes; with a
+        # symbolic image size inductor fails to lower LITv2 ("cannot determine truth value").
         train_model = torch.compile(train_model, dynamic=False)
+    return train_model
 
-    # ---- resume ------------------------------------------------------------------------------------
-    progress = Progress()
-    rng_restored = False
+
+# ---- resume ------------------------------------------------------------------------------------------------
+
+def resume(run: Run, resume_from: str | None) -> None:
+    """Load the checkpoint rank 0 chose (into the plain model, optimizer, scaler, EMA) and the RNG streams."""
+    info, restored = run.info, False
     if resume_from is not None:
-        if resume_from == "auto":
-            state, path = ckpt.load_resume_state(run_dir)
-        else:
-            state, path = ckpt.load_file(resume_from), Path(resume_from)
-            if state.get("format") != ckpt.FORMAT:
-                raise ckpt.CheckpointError(f"trainer.resume={resume_from} is not a training checkpoint of this framework")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        progress = Progress(**state["progress"])
+        state, path = ckpt.load_resume_state_on_all_ranks(run.run_dir, resume_from, info)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        if run.ema is not None and state.get("ema") is not None:
+            run.ema.module.load_state_dict(state["ema"])
+        run.progress = Progress(**state["progress"])
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             ckpt.set_rng_state(rngs[info.rank])
-            rng_restored = True
+            restored = True
         elif info.is_main:
             log.warning("checkpoint was saved by %d ranks, now %d: RNG streams are re-seeded (not bit-exact)",
                         len(rngs), info.world_size)
         if info.is_main:
-            log.info("resuming from %s at epoch %d, step %d", path, progress.epoch, progress.global_step)
-    if not rng_restored:
-        seed_everything(cfg.seed + info.rank + 1_000_003 * progress.global_step)
-
-    logger = RunLogger(run_dir, cfg, enabled=info.is_main,
-                       resume_step=progress.global_step if resume_from is not None else None)
-    global_batch = info.world_size * cfg.data.batch_size * t.accum_steps
-    logger.info("run dir %s | %d rank(s) | global batch %d | lr %.3g | %d steps/epoch",
-                run_dir, info.world_size, global_batch, cfg.optim.lr * lr_scale(cfg, info.world_size), steps_per_epoch)
-
-    start_time = time.time() - progress.elapsed_s
-
-    def save(name: str, keep_previous: str | None = None):
-        """All ranks call this (RNG states are gathered); rank 0 writes."""
-        progress.elapsed_s = time.time() - start_time
-        rngs = all_gather_object(ckpt.rng_state(), info)
-        if not info.is_main:
-            return
-        state = {
-            "format": ckpt.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-            "progress": asdict(progress), "rng": rngs, "world_size": info.world_size,
-            "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": ckpt.config_hash(cfg),
-        }
-        ckpt.save_atomic(state, run_dir / name, keep_previous=keep_previous)
-
-    # ---- epochs ------------------------------------------------------------------------------------
-    try:
-        max_steps = t.max_steps if t.max_steps is not None else math.inf
-        done = progress.global_step >= max_steps
-        while progress.epoch < t.epochs and not done:
-            epoch = progress.epoch
-            sampler.set_epoch(epoch, start=progress.step_in_epoch * t.accum_steps * cfg.data.batch_size)
-            train_one_epoch(cfg, train_model, model, ema, criterion, mixup_fn, optimizer, scheduler, scaler,
-                            train_loader, progress, steps_per_epoch, max_steps, info, logger, stop, save)
-            done = progress.global_step >= max_steps
-            epoch_finished = progress.step_in_epoch >= steps_per_epoch
-            if epoch_finished:
-                progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            if done or not epoch_finished or (epoch + 1) % t.eval_every == 0 or progress.epoch == t.epochs:
-                sync_buffers(model, info)
-                metrics = evaluate(model, val_loader, device, t.precision, info, t.channels_last)
-                row = {"step": progress.global_step, "epoch": epoch + 1, **{f"val/{k}": v for k, v in metrics.items()}}
-                if ema is not None:
-                    ema_metrics = evaluate(ema.module, val_loader, device, t.precision, info, t.channels_last)
-                    row.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
-                    metrics["ema_top1"], metrics["ema_top5"] = ema_metrics["top1"], ema_metrics["top5"]
-                progress.last_eval = metrics
-                row["train/skipped_images"] = progress.skipped_images
-                logger.log(row)
-                logger.info("epoch %d step %d: val top-1 %.2f top-5 %.2f loss %.4f", epoch + 1, progress.global_step,
-                            metrics["top1"], metrics["top5"], metrics["loss"])
-                if metrics["top1"] > progress.best["top1"]:
-                    progress.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch + 1,
-                                     "step": progress.global_step}
-                    save(ckpt.BEST)
-            save(ckpt.LAST, keep_previous=ckpt.PREV)
-
-        # ---- summary -----------------------------------------------------------------------------------
-        summary = {}
-        if info.is_main:
-            final = progress.last_eval
-            summary = {
-                "status": "completed", "run_dir": str(run_dir), "model": cfg.model.name,
-                "final_top1": final.get("top1"), "final_top5": final.get("top5"), "final_loss": final.get("loss"),
-                "best_top1": progress.best["top1"], "best_top5": progress.best["top5"], "best_epoch": progress.best["epoch"],
-                "epochs": round(progress.epoch + progress.step_in_epoch / steps_per_epoch, 4), "steps": progress.global_step, "wall_time_s": round(time.time() - start_time, 2),
-                "world_size": info.world_size, "global_batch": global_batch,
-                "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
-            }
-            if ema is not None:
-                summary.update({"final_ema_top1": final.get("ema_top1"), "final_ema_top5": final.get("ema_top5")})
-            if cfg.profile.enabled:
-                report = profile_model(model, cfg, device)
-                summary.update({k: report.get(k) for k in ("params", "gflops", "throughput", "train_mem_mb",
-                                                            "test_mem_mb", "profile_error") if k in report})
-            logger.summary(summary)
-            logger.info("done: final top-1 %.2f, best %.2f (epoch %d), %.0f s -> %s", summary["final_top1"] or 0.0,
-                        summary["best_top1"], summary["best_epoch"], summary["wall_time_s"], run_dir / "summary.json")
-    finally:
-        logger.close()
-    barrier(info)
-    return summary
+            log.info("resuming from %s at epoch %d, step %d", path, run.progress.epoch, run.progress.global_step)
+    if not restored:
+        seed = run.cfg.seed + info.rank + 1_000_003 * run.progress.global_step
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
 
-def train_one_epoch(cfg, train_model, model, ema, criterion, mixup_fn, optimizer, scheduler, scaler, loader,
-                    progress: Progress, steps_per_epoch: int, max_steps, info: DistInfo, logger: RunLogger,
-                    stop: StopOnSignal, save):
-    """Optimizer steps from progress.step_in_epoch to the end of the epoch (or max_steps / a signal)."""
-    t = cfg.trainer
-    device = info.device
-    train_model.train()
-    batches = iter(loader)
-    bar = logger.progress(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch + 1}")
+# ---- the epoch loop ----------------------------------------------------------------------------------------
+
+def fit(run: Run) -> None:
+    """Epochs until trainer.epochs or trainer.max_steps: train, validate every trainer.eval_every, save."""
+    t, p = run.cfg.trainer, run.progress
+    max_steps = t.max_steps if t.max_steps is not None else math.inf
+    done = p.global_step >= max_steps
+    while p.epoch < t.epochs and not done:
+        epoch = p.epoch
+        run.sampler.set_epoch(epoch, start=p.step_in_epoch * t.accum_steps * run.cfg.data.batch_size)
+        train_one_epoch(run, max_steps)
+        done = p.global_step >= max_steps
+        epoch_finished = p.step_in_epoch >= run.steps_per_epoch
+        if epoch_finished:
+            p.epoch, p.step_in_epoch = epoch + 1, 0
+        if done or not epoch_finished or (epoch + 1) % t.eval_every == 0 or p.epoch == t.epochs:
+            validate(run, epoch + 1)
+        save(run, ckpt.LAST, keep_previous=ckpt.PREV)
+
+
+def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
+    """Optimizer steps from progress.step_in_epoch to the end of the epoch (or max_steps / a stop signal)."""
+    t, p, info = run.cfg.trainer, run.progress, run.info
+    run.train_model.train()
+    batches = iter(run.train_loader)
+    bar = run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}")
     window_images, window_start = 0, time.time()
-    while progress.step_in_epoch < steps_per_epoch and progress.global_step < max_steps:
-        scheduler.step_update(progress.global_step)
-        loss_sum, images_seen, step_skipped = torch.zeros((), device=device), 0, 0
-        for micro in range(t.accum_steps):
-            images, targets, skipped = next(batches)
-            step_skipped += skipped
-            if images is None:
-                continue
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                if len(images) % 2:  # Mixup pairs images; a skipped corrupt file can make the batch odd
-                    images, targets = images[:-1], targets[:-1]
-                images, targets = mixup_fn(images, targets)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            last_micro = micro == t.accum_steps - 1
-            sync = train_model.no_sync() if info.distributed and not last_micro and hasattr(train_model, "no_sync") \
-                else _null()
-            with sync:
-                with autocast(device, t.precision):
-                    loss = criterion(train_model(images), targets)
-                scaler.scale(loss / t.accum_steps).backward()
-            loss_sum += loss.detach().float()
-            images_seen += len(images)
-
-        # one all-reduce per step: loss, non-finite flag, stop request, skipped images
+    while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
+        run.scheduler.step_update(p.global_step)
+        loss_sum, images_seen, skipped = _forward_backward(run, batches)
+        # one all-reduce per step: loss, non-finite flag, stop request, skipped images; one device -> host read
         stats = torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float(),
-                             torch.tensor(float(stop.requested is not None), device=device),
-                             torch.tensor(float(step_skipped), device=device)])
-        all_reduce_sum(stats, info)
-        loss_value, nonfinite, stop_requested, skipped = stats.tolist()  # the step's one device -> host sync
-        progress.skipped_images += int(skipped)
+                             torch.tensor(float(run.stop.requested is not None), device=info.device),
+                             torch.tensor(float(skipped), device=info.device)])
+        loss_value, nonfinite, stop_requested, skipped = all_reduce_sum(stats, info).tolist()
         loss_value /= info.world_size
-        if nonfinite > 0:
-            if t.on_nonfinite == "stop":
-                raise NonFiniteLoss(
-                    f"non-finite loss ({loss_value}) at step {progress.global_step} (epoch {progress.epoch + 1}, "
-                    f"iteration {progress.step_in_epoch}); the last good checkpoint is kept "
-                    f"(trainer.on_nonfinite=skip skips such steps instead)")
-            optimizer.zero_grad(set_to_none=True)
-            if info.is_main:
-                log.warning("non-finite loss at step %d: step skipped", progress.global_step)
-            progress.skipped_steps += 1
-            grad_norm = None
-        else:
-            grad_norm = _optimizer_step(cfg, model, optimizer, scaler)
-            if ema is not None:
-                ema.update(model, step=progress.global_step)
-        progress.global_step += 1
-        progress.step_in_epoch += 1
+        p.skipped_images += int(skipped)
+        grad_norm = _skip_step(run, loss_value) if nonfinite > 0 else _optimizer_step(run)
+        p.global_step += 1
+        p.step_in_epoch += 1
         window_images += images_seen * info.world_size
         bar.update(1)
-
-        if progress.global_step % t.log_every == 0 or progress.step_in_epoch == steps_per_epoch:
+        if p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch:
             rate = window_images / max(time.time() - window_start, 1e-9)
-            lr = optimizer.param_groups[0]["lr"]
-            logger.log({"step": progress.global_step, "epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch,
-                        "train/loss": loss_value, "train/lr": lr,
-                        "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                        "train/images_per_s": rate, "train/skipped_images": progress.skipped_images})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            _log_step(run, bar, loss_value, grad_norm, rate)
             window_images, window_start = 0, time.time()
-
-        if stop_requested > 0:  # SIGTERM / SIGUSR1 on any rank: every rank saves and stops here
-            save(ckpt.LAST, keep_previous=ckpt.PREV)
+        if stop_requested > 0:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
+            save(run, ckpt.LAST, keep_previous=ckpt.PREV)
             bar.close()
-            raise Preempted(stop.requested or signal.SIGTERM, progress.global_step, stop.previous.get(stop.requested))
-        if t.ckpt_every_steps and progress.global_step % t.ckpt_every_steps == 0 \
-                and progress.step_in_epoch < steps_per_epoch:
-            save(ckpt.LAST, keep_previous=ckpt.PREV)
+            signum = run.stop.requested or signal.SIGTERM
+            raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
+        if t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0 and p.step_in_epoch < run.steps_per_epoch:
+            save(run, ckpt.LAST, keep_previous=ckpt.PREV)
     bar.close()
 
 
-def _optimizer_step(cfg, model, optimizer, scaler) -> torch.Tensor | None:
-    """Clip, step, zero the gradients; returns the gradient norm before clipping as a device tensor (read
-    only when logged, so the step queues without waiting for the GPU), or None without clipping."""
+def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
+    """trainer.accum_steps micro-batches of forward and backward; returns (summed loss, images, skipped images).
+
+    DDP all-reduces the gradients on the last micro-batch only."""
+    t, info = run.cfg.trainer, run.info
+    loss_sum, images_seen, skipped = torch.zeros((), device=info.device), 0, 0
+    for micro in range(t.accum_steps):
+        images, targets, n_skipped = next(batches)
+        skipped += n_skipped
+        if images is None:
+            continue
+        images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
+        if run.mixup_fn is not None:
+            if len(images) % 2:  # Mixup pairs images; a skipped corrupt file can make the batch odd
+                images, targets = images[:-1], targets[:-1]
+            images, targets = run.mixup_fn(images, targets)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        last = micro == t.accum_steps - 1
+        no_sync = info.distributed and not last and hasattr(run.train_model, "no_sync")
+        with run.train_model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast(info.device, t.precision):
+                loss = run.criterion(run.train_model(images), targets)
+            run.scaler.scale(loss / t.accum_steps).backward()
+        loss_sum += loss.detach().float()
+        images_seen += len(images)
+    return loss_sum, images_seen, skipped
+
+
+def _optimizer_step(run: Run) -> torch.Tensor | None:
+    """Clip, step, update the EMA, zero the gradients; returns the gradient norm before clipping as a device tensor
+    (read only when logged, so the step queues without waiting for the GPU), or None without clipping."""
     grad_norm = None
-    if cfg.optim.clip_grad:
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if run.cfg.optim.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    _zero_grad(run)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.progress.global_step)
     return grad_norm
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _zero_grad(run: Run) -> None:
+    """Free the gradients; under DDP zero them in place (they are views of its buckets, see _wrap_for_training)."""
+    run.optimizer.zero_grad(set_to_none=not run.info.distributed)
 
-    def __exit__(self, *a):
-        return False
+
+def _skip_step(run: Run, loss_value: float) -> None:
+    """A non-finite loss: stop (trainer.on_nonfinite=stop, keeping the last good checkpoint) or drop the step."""
+    p = run.progress
+    if run.cfg.trainer.on_nonfinite == "stop":
+        raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {p.global_step} (epoch {p.epoch + 1}, "
+                            f"iteration {p.step_in_epoch}); the last good checkpoint is kept "
+                            f"(trainer.on_nonfinite=skip skips such steps instead)")
+    _zero_grad(run)
+    if run.info.is_main:
+        log.warning("non-finite loss at step %d: step skipped", p.global_step)
+    p.skipped_steps += 1
+
+
+def _log_step(run: Run, bar, loss_value: float, grad_norm, rate: float) -> None:
+    p = run.progress
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.logger.log({"step": p.global_step, "epoch": p.epoch + p.step_in_epoch / run.steps_per_epoch,
+                    "train/loss": loss_value, "train/lr": lr,
+                    "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                    "train/images_per_s": rate, "train/skipped_images": p.skipped_images})
+    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+
+
+def validate(run: Run, epoch: int) -> None:
+    """Val metrics of the model (and its EMA), logged; a new best top-1 saves best.pth."""
+    t, p, info = run.cfg.trainer, run.progress, run.info
+    sync_buffers(run.model, info)  # rank 0's BatchNorm statistics everywhere: metrics independent of the layout
+    metrics = evaluate(run.model, run.val_loader, info.device, t.precision, info, t.channels_last)
+    row = {"step": p.global_step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
+    if run.ema is not None:
+        sync_buffers(run.ema.module, info)
+        ema_metrics = evaluate(run.ema.module, run.val_loader, info.device, t.precision, info, t.channels_last)
+        row.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
+        metrics["ema_top1"], metrics["ema_top5"] = ema_metrics["top1"], ema_metrics["top5"]
+    p.last_eval = metrics
+    row["train/skipped_images"] = p.skipped_images
+    run.logger.log(row)
+    run.logger.info("epoch %d step %d: val top-1 %.2f top-5 %.2f loss %.4f", epoch, p.global_step,
+                    metrics["top1"], metrics["top5"], metrics["loss"])
+    if metrics["top1"] > p.best["top1"]:
+        p.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch, "step": p.global_step}
+        save(run, ckpt.BEST)
+
+
+def save(run: Run, name: str, keep_previous: str | None = None) -> None:
+    """All ranks call this (RNG states are gathered); rank 0 writes, and no rank returns before the file is in
+    place (a rank that exits early, e.g. after a stop signal, would make torchrun or srun kill rank 0 mid-write)."""
+    info, p = run.info, run.progress
+    p.elapsed_s = time.time() - run.start_time
+    rngs = all_gather_object(ckpt.rng_state(), info)
+    if info.is_main:
+        state = {
+            "format": ckpt.FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
+            "progress": asdict(p), "rng": rngs, "world_size": info.world_size,
+            "config": OmegaConf.to_container(run.cfg, resolve=True), "config_hash": ckpt.config_hash(run.cfg),
+        }
+        ckpt.save_atomic(state, run.run_dir / name, keep_previous=keep_previous)
+    barrier(info)
+
+
+# ---- finish ------------------------------------------------------------------------------------------------
+
+def finish(run: Run) -> dict:
+    """summary.json (final and best metrics, the efficiency report) on rank 0; {} on the other ranks."""
+    cfg, p, summary = run.cfg, run.progress, {}
+    if run.info.is_main:
+        final = p.last_eval
+        summary = {
+            "status": "completed", "run_dir": str(run.run_dir), "model": cfg.model.name,
+            "final_top1": final.get("top1"), "final_top5": final.get("top5"), "final_loss": final.get("loss"),
+            "best_top1": p.best["top1"], "best_top5": p.best["top5"], "best_epoch": p.best["epoch"],
+            "epochs": round(p.epoch + p.step_in_epoch / run.steps_per_epoch, 4), "steps": p.global_step,
+            "wall_time_s": round(time.time() - run.start_time, 2), "world_size": run.info.world_size,
+            "global_batch": run.global_batch, "skipped_images": p.skipped_images, "skipped_steps": p.skipped_steps,
+        }
+        if run.ema is not None:
+            summary.update({"final_ema_top1": final.get("ema_top1"), "final_ema_top5": final.get("ema_top5")})
+        if cfg.profile.enabled:
+            report = profile_model(run.model, cfg, run.info.device)
+            summary.update({k: report.get(k) for k in ("params", "gflops", "throughput", "train_mem_mb",
+                                                        "test_mem_mb", "profile_error") if k in report})
+        run.logger.summary(summary)
+        run.logger.info("done: final top-1 %.2f, best %.2f (epoch %d), %.0f s -> %s", summary["final_top1"] or 0.0,
+                        summary["best_top1"], summary["best_epoch"], summary["wall_time_s"],
+                        run.run_dir / "summary.json")
+    barrier(run.info)
+    return summary
