@@ -21,3 +21,8 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# timm 1.0.31's own tests/test_models.py on the litv2 models (fetches timm's sdist into .cache/)
+.PHONY: test-timm
+test-timm: $(STAMP)
+	$(PY) tests/timm_suite/run.py
