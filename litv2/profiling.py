@@ -18,7 +18,6 @@ counts heap fragmentation.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 import time
@@ -157,11 +156,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class _PeakRSS:
     """Background sampler of the resident set size (Linux), for CPU peak-memory figures."""
 
@@ -263,24 +257,10 @@ def _without_profiler_noise():
 _LIVE_PEAK_LOCK = threading.Lock()  # one profiler session at a time (fd 2 is redirected during it)
 
 
-def _profiler_active() -> bool:
-    enabled = getattr(torch.autograd, "_profiler_enabled", None)
-    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False) or (enabled and enabled()))
-
-
-def _allocation_peak(result) -> int:
+def _allocation_peak(events: list[tuple[int, int, int]]) -> int:
     """Peak running sum of the CPU blocks allocated during the session: each allocation adds its size;
     a free subtracts it only if that block was allocated in this session (frees of older blocks, which
     c10 may report with their size from an earlier session, are ignored)."""
-    from torch._C._profiler import _EventType
-
-    events, stack = [], list(result.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
-    events.sort(key=lambda e: e[0])
     live: dict[int, int] = {}
     current = peak = 0
     for _, ptr, size in events:
@@ -306,7 +286,9 @@ def cpu_live_peak(fn: Callable[[], object]) -> int | None:
     dropped; anything else written to stderr during ``fn`` is written out after it returns (and lost
     if the process dies meanwhile)."""
     from torch.profiler import ProfilerActivity, profile
-    if _profiler_active() or not _LIVE_PEAK_LOCK.acquire(blocking=False):
+
+    from litv2.accel import _internals
+    if _internals.profiler_active() or not _LIVE_PEAK_LOCK.acquire(blocking=False):
         return None
     try:
         with _without_profiler_noise():
@@ -320,9 +302,10 @@ def cpu_live_peak(fn: Callable[[], object]) -> int | None:
             finally:
                 prof.__exit__(None, None, None)
         try:
-            return _allocation_peak(prof.profiler.kineto_results)
+            events = _internals.cpu_allocation_events(prof)
         except Exception:  # noqa: BLE001 - private analysis API moved or failed: caller falls back
             return None
+        return None if events is None else _allocation_peak(events)
     finally:
         _LIVE_PEAK_LOCK.release()
 
@@ -347,7 +330,9 @@ def peak_memory(fn: Callable[[], object], device="cpu", above_current: bool = Fa
     live = cpu_live_peak(fn)
     if live is not None:
         return live
-    _malloc_trim()
+    from litv2.accel.malloc import trim
+
+    trim()
     with _PeakRSS() as sampler:
         fn()
     return int(sampler.growth)

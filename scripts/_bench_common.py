@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from litv2.cpu import keep_freed_memory  # noqa: F401  (--malloc keep; re-exported for the scripts)
+from litv2.accel import keep_freed_memory  # noqa: F401  (--malloc keep; re-exported for the scripts)
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
                 "not enough memory", "failed to allocate")
@@ -136,14 +136,16 @@ def cudnn_autotune(devices) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def create_litv2(name: str, **kwargs) -> torch.nn.Module:
-    """``timm.create_model(name, pretrained=False, **kwargs)`` for a LITv2 model; one clear error for any other."""
+def create_litv2(name: str, accel: bool = True, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` for a LITv2 model, on litv2.accel's kernels as
+    training runs it (``accel=False``: the plain model); one clear error for any other model."""
     import timm
 
     import litv2  # noqa: F401  (registers the models)
     if not timm.is_model(name) or not name.startswith("litv2"):
         raise SystemExit(f"--model must be a LITv2 model (litv2_s, litv2_m, litv2_b, ...), got {name!r}")
-    return timm.create_model(name, pretrained=False, **kwargs)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    return litv2.accel.accelerate(model) if accel else model
 
 
 def add_cpu_options(parser) -> None:
@@ -172,7 +174,7 @@ def restored_process_settings():
     the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
     as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays, as does the global
     RNG state the scripts seed."""
-    from litv2.models.layers import cpu_fast_paths
+    from litv2.accel import cpu_fast_paths
 
     threads, benchmark, fast = torch.get_num_threads(), torch.backends.cudnn.benchmark, cpu_fast_paths()
     try:

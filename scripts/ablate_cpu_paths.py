@@ -1,4 +1,4 @@
-"""What each of LITv2's CPU fast paths (litv2/models/layers.py) is worth: the paths switched on one by
+"""What each of LITv2's CPU fast paths (litv2.accel) is worth: the paths switched on one by
 one, all timed alternately in one run (round-robin, median).
 
     python scripts/ablate_cpu_paths.py --model litv2_s --batch-size 16            # fp32 inference
@@ -26,7 +26,7 @@ from _bench_common import (  # noqa: E402
     restored_process_settings, round_robin, train_step_fn,
 )
 
-# (label, settings of litv2.models.layers._Flags); each row adds one path to the previous one
+# (label, settings of litv2.accel.Flags); each row adds one path to the previous one
 STEPS = (
     ("plain kernels", dict(onednn=False, dtm_resample=False, dtm_embedding_bag=False, chunk_bytes=0,
                            packed_weights=False)),
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
 
 def _main(argv=None) -> dict:
     args = parse_args(argv)
-    from litv2.models import layers
+    from litv2.accel import Flags
 
     apply_cpu_options(args)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def _main(argv=None) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     step = (train_step_fn if args.train else inference_fn)(model, x)
 
-    default = {k: getattr(layers._Flags, k) for k in STEPS[0][1]}
+    default = {k: getattr(Flags, k) for k in STEPS[0][1]}
     settings, current = {}, {}
     for label, change in STEPS:
         current.update({k: default[k] if v is None else v for k, v in change.items()})
@@ -82,7 +82,7 @@ def _main(argv=None) -> dict:
     def variant(flags: dict):
         def run():
             for k, v in flags.items():
-                setattr(layers._Flags, k, v)
+                setattr(Flags, k, v)
             step()
         return run
 
@@ -91,7 +91,7 @@ def _main(argv=None) -> dict:
                                warmup=args.warmup)
     finally:
         for k, v in default.items():
-            setattr(layers._Flags, k, v)
+            setattr(Flags, k, v)
     rates = {label: median_rate(t, args.batch_size) for label, t in times.items()}
     base = rates[STEPS[0][0]]
     rows = [[label, f"{r:.2f}", f"{r / base:.2f}"] for label, r in rates.items()]

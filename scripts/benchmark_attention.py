@@ -44,6 +44,7 @@ from _bench_common import (  # noqa: E402
     is_oom, machine_description, markdown_table, median_rate, resolve_devices, restored_process_settings, round_robin,
 )
 
+from litv2.accel import accelerate  # noqa: E402  (every layer on the same kernels, as in the model)
 from litv2.models.attentions import (  # noqa: E402
     ATTENTION_CHOICES, CrossShapedWindowAttention, DeformableAttention, FocalAttention, LargeKernelAttention,
     LinformerAttention, LocallyGroupedAttention, MultiHeadSelfAttention, PerformerAttention, QuadTreeAttention,
@@ -222,7 +223,7 @@ def run_table(args, methods: dict, devices: list[torch.device]) -> dict:
     modules = {}
     for key, (name, build) in methods.items():
         torch.manual_seed(0)
-        m = build(size).eval()
+        m = accelerate(build(size)).eval()
         params, flops = static_figures(m, args, size)
         modules[key] = m
         results[key] = {"name": name, "params": params, "flops": flops}
@@ -309,7 +310,7 @@ def run_resolutions(args, methods: dict, device: torch.device, resolutions: list
             results[key]["points"].append(point)
             try:
                 torch.manual_seed(0)
-                m = build(size).eval()
+                m = accelerate(build(size)).eval()
                 point["params"], point["flops"] = static_figures(m, args, size)
                 m.to(device)
                 x = make_input(args, size, args.batch_size, device)

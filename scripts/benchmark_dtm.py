@@ -6,12 +6,12 @@
 
 For each deformable conv of the model (input shapes taken from one forward at ``--img-size``) three kernels
 run on the same input, offsets (uniform in +-``--offset-px`` pixels, i.e. off the pixel grid, like a
-trained DTM's), weights and bias: torchvision's op, and ``litv2.models.layers.resample_and_conv`` with each of
+trained DTM's), weights and bias: torchvision's op, and ``litv2.accel.dtm.resample_and_conv`` with each of
 its two bilinear samplers, ``grid_sample`` (what compiled models and GPUs use) and ``embedding_bag`` (what the
-model uses eager on CPU). Each is timed forward under inference mode, and forward + backward with gradients for
+accelerated model uses eager on CPU). Each is timed forward under inference mode, and forward + backward with gradients for
 all four inputs. Timings are round-robin medians (milliseconds), one table row per kernel, with its speed-up
 over torchvision's op and its largest output difference from it, so a row that is fast but wrong shows. On
-CUDA the model takes torchvision's op eager; this script is how to decide whether that should change. fp32
+CUDA the accelerated model takes torchvision's op eager; this script is how to decide whether that should change. fp32
 throughout: LITv2 runs DTM in fp32 under autocast.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def make_inputs(shape: dict, batch: int, offset_px: float, device: torch.device)
 def kernel_fn(kernel: str, shape: dict):
     from torchvision.ops import deform_conv2d
 
-    from litv2.models.layers import resample_and_conv
+    from litv2.accel.dtm import resample_and_conv
 
     s, p = shape["stride"], shape["padding"]
     if kernel == "torchvision":

@@ -127,7 +127,7 @@ class PlainLinearKernel(nn.Module):
         self.model = model
 
     def forward(self, x):
-        from litv2.models.layers import cpu_fast_paths
+        from litv2.accel import cpu_fast_paths
 
         previous = cpu_fast_paths()
         cpu_fast_paths(False)
@@ -138,7 +138,8 @@ class PlainLinearKernel(nn.Module):
 
 
 # LITv2 memory options as model-name suffixes, for train memory / speed A/Bs in one run
-LITV2_VARIANTS = {"@keep-gelu": ("recompute_gelu", False), "@recompute-dwconv": ("recompute_dwconv", True)}
+LITV2_VARIANTS = {"@keep-gelu": ("recompute_gelu", False), "@recompute-dwconv": ("recompute_dwconv", True),
+                  "@plain": ("accel", False)}
 
 
 def build_model(name: str, img_size: int) -> nn.Module:
@@ -148,7 +149,8 @@ def build_model(name: str, img_size: int) -> nn.Module:
     ``<litv2 name>@keep-gelu`` builds it with ``recompute_gelu=False`` (its ConvFFNs keep their GELU
     outputs for backward, as the authors' code does: the train memory / speed A/B of that option);
     ``<litv2 name>@recompute-dwconv`` builds it with ``recompute_dwconv=True`` (its ConvFFNs recompute the
-    depthwise-conv outputs in backward too); these two suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
+    depthwise-conv outputs in backward too); ``<litv2 name>@plain`` is the model as written, without litv2.accel
+    (``model.accel=none``); these suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
     ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``).
     """
     import timm
@@ -174,7 +176,11 @@ def build_model(name: str, img_size: int) -> nn.Module:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
         raise SystemExit(f"unknown model {name!r} (not in timm's registry)")
-    return timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
+    options = {k: kwargs.pop(k) for k in ("recompute_gelu", "recompute_dwconv", "accel") if k in kwargs}
+    model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
+    if name.startswith("litv2") and options.pop("accel", True):  # as training runs it (model.accel=auto)
+        litv2.accel.accelerate(model, **options)
+    return model
 
 
 def set_deploy(model: nn.Module, x: torch.Tensor, deploy: bool) -> None:

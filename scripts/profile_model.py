@@ -83,7 +83,8 @@ def _main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     add_cpu_options(p)
     p.add_argument("--linear-kernel", choices=["auto", "addmm"], default="auto",
-                   help="auto: LITv2 uses its oneDNN CPU kernels (litv2.models.layers); addmm: plain F.linear/conv/GELU")
+                   help="auto: LITv2 on litv2.accel's CPU kernels; addmm: the same with the CPU paths off (plain "
+                        "F.linear/conv/GELU)")
     p.add_argument("--row-limit", type=int, default=15)
     p.add_argument("--memory", action="store_true", help="per-stage peak memory (MiB) next to the timings")
     p.add_argument("--compile", action="store_true",
@@ -93,7 +94,7 @@ def _main(argv=None) -> dict:
 
     import timm
     import litv2  # noqa: F401  (registers the models)
-    from litv2.models.layers import cpu_fast_paths
+    from litv2.accel import accelerate, cpu_fast_paths
     from litv2.models import LITv2
     from litv2.profiling import count_flops, peak_memory
 
@@ -106,6 +107,8 @@ def _main(argv=None) -> dict:
     device = torch.device(args.device)
     cudnn_autotune([device])
     model = timm.create_model(args.model, **kwargs).to(device).train(args.train)
+    if isinstance(model, LITv2):  # as training runs it (model.accel=auto)
+        accelerate(model)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     sync = _timer(device)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]

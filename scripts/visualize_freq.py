@@ -125,7 +125,7 @@ def find_block_attn(model: nn.Module, stage: int, block: int) -> nn.Module:
     if not 0 <= block < len(blocks):
         raise SystemExit(f"--block {block} out of range: stage {stage} has {len(blocks)} blocks")
     attn = getattr(blocks[block], "attn", None)
-    missing = [name for _, name in BRANCHES if not hasattr(attn, name)]
+    missing = [name for _, name in BRANCHES if getattr(attn, name, None) is None]
     if attn is None or missing:
         what = "no attention" if attn is None else f"{type(attn).__name__} ({attn.extra_repr()})"
         raise SystemExit(f"layers.{stage}.blocks.{block} has {what}, not both HiLo branches (missing "

@@ -1,4 +1,4 @@
-"""Shared helpers for the training/evaluation tests (not a test module)."""
+"""Shared constants and helpers of the tests (not a test module; the fixtures are in conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-# A LITv2 small enough for a CPU test: 16 wide, one block per stage (stage 3 keeps HiLo, stage 4 MSA).
-TINY_LITV2 = ["++model.embed_dim=16", "++model.depths=[1,1,1,1]", "++model.num_heads=[1,2,4,8]", "model.drop_path_rate=0.0"]
+FIXTURES = ROOT / "tests" / "fixtures"
+# A LITv2 small enough for a CPU test: 16 wide, one block per stage but two HiLo blocks in stage 3, MSA in stage 4.
+TINY = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_classes=10)
+# The same model as config overrides for train.py / eval.py.
+TINY_LITV2 = [f"++model.embed_dim={TINY['embed_dim']}", "++model.depths=[1,1,2,1]", "++model.num_heads=[1,2,4,8]",
+              "model.drop_path_rate=0.0"]
 # Quiet, fast, local: no wandb, no profiling, no loader workers.
 FAST = ["logger=none", "profile.enabled=false", "data.num_workers=0"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}

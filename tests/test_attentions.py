@@ -604,14 +604,13 @@ def test_table_iv_exact_counts_msa():
 
 # ---- inside LITv2 (paper Table 4) -------------------------------------------------------------------
 
-TINY = dict(img_size=64, num_classes=10, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), alpha=0.5,
-            local_ws=(0, 0, 2, 1), drop_path_rate=0.0)
-
-
 def test_litv2_swaps_only_the_attention():
     import timm
 
     import litv2  # noqa: F401
+    from engine_utils import TINY as tiny
+
+    TINY = dict(tiny, img_size=64, alpha=0.5, local_ws=(0, 0, 2, 1), drop_path_rate=0.0)
 
     def non_attn_params(model):
         return sum(p.numel() for n, p in model.named_parameters() if ".attn." not in n)

@@ -18,13 +18,6 @@ from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, assert_same_tensors, load
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_a05_ws2.pth"
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from litv2.data import prepare_digits
-
-    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
-
-
 def _assert_one_line_error(proc, expected: str):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -9,13 +9,6 @@ from PIL import Image
 from engine_utils import ENV, ROOT
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from litv2.data import prepare_digits
-
-    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
-
-
 def test_digits_tree_is_a_deterministic_rgb_imagefolder(digits, tmp_path):
     from litv2.data import check_image_folder, prepare_digits
 

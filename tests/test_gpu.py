@@ -8,11 +8,13 @@ import os
 import pytest
 import torch
 
+from litv2.accel import accelerate
 from litv2.models import LITv2
+
+from engine_utils import TINY
 
 DEVICE = torch.device(os.environ.get("LITV2_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
-TINY = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_classes=10)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,7 @@ def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale, s
     """The A/B of scripts/benchmark_dtm.py compares equal functions: outputs and all four gradients, fp64."""
     from torchvision.ops import deform_conv2d
 
-    from litv2.models.layers import resample_and_conv
+    from litv2.accel.dtm import resample_and_conv
 
     torch.manual_seed(0)
     kw = dict(dtype=torch.float64, device=DEVICE)
@@ -52,10 +54,13 @@ def test_resampled_deformable_conv_is_torchvisions_on_the_device(offset_scale, s
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-def test_litv2_on_the_device_matches_cpu():
+@pytest.mark.parametrize("accel", [False, True], ids=["plain", "accel"])
+def test_litv2_on_the_device_matches_cpu(accel):
     """Same weights, fp32: the device's kernels (cuDNN, torchvision's CUDA deform conv, SDPA) vs the CPU's."""
     torch.manual_seed(0)
     model = LITv2(**TINY).eval()
+    if accel:
+        accelerate(model)
     for m in model.modules():  # DTM offsets off the pixel grid, so the deformable sampling is exercised
         if hasattr(m, "conv_offset"):
             torch.nn.init.normal_(m.conv_offset.weight, std=0.5)
@@ -66,9 +71,12 @@ def test_litv2_on_the_device_matches_cpu():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_autocast_forward_is_close_to_fp32_and_backward_reaches_every_parameter():
+@pytest.mark.parametrize("accel", [False, True], ids=["plain", "accel"])
+def test_bf16_autocast_forward_is_close_to_fp32_and_backward_reaches_every_parameter(accel):
     torch.manual_seed(0)
     model = LITv2(**TINY).to(DEVICE)
+    if accel:
+        accelerate(model)
     x = torch.randn(4, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         fp32 = model.eval()(x)
@@ -92,7 +100,7 @@ def test_hilo_runs_on_fused_sdpa_kernels_under_bf16():
     import litv2  # noqa: F401
 
     torch.manual_seed(0)
-    model = timm.create_model("litv2_s", num_classes=10).to(DEVICE)
+    model = accelerate(timm.create_model("litv2_s", num_classes=10)).to(DEVICE)
     x = torch.randn(2, 3, 224, 224, device=DEVICE)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -102,12 +110,15 @@ def test_hilo_runs_on_fused_sdpa_kernels_under_bf16():
 
 
 def test_torch_compile_on_the_device_matches_eager():
+    """The accelerated model compiled (resampled DTM traced) against the plain model eager."""
     torch.manual_seed(0)
-    model = LITv2(**TINY).to(DEVICE).eval()
+    plain = LITv2(**TINY).to(DEVICE).eval()
+    model = accelerate(LITv2(**TINY).to(DEVICE).eval())
+    model.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     torch._dynamo.reset()
     with torch.no_grad():
-        eager = model(x)
+        eager = plain(x)
         compiled = torch.compile(model, dynamic=False)(x)
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
@@ -116,7 +127,7 @@ def test_torch_compile_on_the_device_matches_eager():
 def test_efficiency_report_on_the_device():
     from litv2.profiling import efficiency_report
 
-    report = efficiency_report(LITv2(**TINY), img_size=64, device=DEVICE, batch_size=8, runs=2, warmup=1)
+    report = efficiency_report(accelerate(LITv2(**TINY)), img_size=64, device=DEVICE, batch_size=8, runs=2, warmup=1)
     assert report["throughput"] > 0 and report["train_mem_mb"] > report["test_mem_mb"] > 0
     assert report["device"] == (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu")
 
@@ -131,8 +142,8 @@ def test_ffn_recompute_on_the_device_saves_hidden_maps_with_the_same_gradients(o
 
     torch.manual_seed(0)
     cfg = dict(TINY, embed_dim=32)
-    plain = LITv2(**cfg, **({"recompute_gelu": False} if option == "recompute_gelu" else {})).to(DEVICE).train()
-    model = LITv2(**cfg, **({"recompute_dwconv": True} if option == "recompute_dwconv" else {})).to(DEVICE).train()
+    plain = accelerate(LITv2(**cfg).to(DEVICE).train(), recompute_gelu=option != "recompute_gelu")
+    model = accelerate(LITv2(**cfg).to(DEVICE).train(), recompute_dwconv=option == "recompute_dwconv")
     model.load_state_dict(plain.state_dict())
     x = torch.randn(8, 3, 128, 128, device=DEVICE)
     for m in (model, plain):

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from litv2.accel import accelerate
 from litv2.models import LITv2
 from litv2.profiling import count_flops, count_params, efficiency_report, measure_memory
 
+from engine_utils import TINY
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_classes=10)
 
 
 def test_efficiency_report_fields_are_sane():
@@ -111,7 +113,7 @@ def test_cpu_test_memory_does_not_depend_on_what_ran_before():
     """The first inference call builds the CPU fast path's packed weight copies, which the model keeps;
     a fresh model's test memory equals the one measured after it has run."""
     torch.manual_seed(0)
-    model = LITv2(**TINY)
+    model = accelerate(LITv2(**TINY))
     first = measure_memory(model, batch_size=8, img_size=96, train=False)
     assert measure_memory(model, batch_size=8, img_size=96, train=False) == first > 0
 
@@ -121,8 +123,8 @@ def test_cpu_train_memory_is_repeatable_and_sees_the_ffn_recomputes():
     each show as most of one fp32 hidden map per block less at the peak."""
     torch.manual_seed(0)
     cfg = dict(TINY, embed_dim=32)
-    plain, model = LITv2(**cfg, recompute_gelu=False), LITv2(**cfg)
-    both = LITv2(**cfg, recompute_dwconv=True)
+    plain, model = accelerate(LITv2(**cfg), recompute_gelu=False), accelerate(LITv2(**cfg))
+    both = accelerate(LITv2(**cfg), recompute_dwconv=True)
     first = measure_memory(model, batch_size=8, img_size=128, train=True)
     assert measure_memory(model, batch_size=8, img_size=128, train=True) == first
     side, width, hidden_maps = 128 // 4, 32, 0
@@ -167,7 +169,7 @@ def test_profile_model_train_step_counts_forward_and_backward_flops(capsys):
 def test_profile_model_memory_and_compile(monkeypatch, capsys):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
-    from litv2.models.layers import cpu_fast_paths
+    from litv2.accel import cpu_fast_paths
 
     script = runpy.run_path(str(REPO / "scripts" / "profile_model.py"))
     threads = torch.get_num_threads()

@@ -420,11 +420,11 @@ def test_benchmarks_asked_for_cuda_without_it_fail_in_one_line(script, tmp_path)
 # ---- ablate_cpu_paths --------------------------------------------------------------------------------------
 
 def test_ablate_cpu_paths_smoke_times_every_step_and_restores_the_flags(tmp_path, capsys):
-    from litv2.models import layers
+    from litv2.accel import Flags
 
-    before = dict(vars(layers._Flags))
+    before = dict(vars(Flags))
     payload = load_script("ablate_cpu_paths.py")["main"](["--smoke", "--out-dir", str(tmp_path)])
-    assert dict(vars(layers._Flags)) == before
+    assert dict(vars(Flags)) == before
     rates = payload["img_per_s"]
     assert list(rates)[0] == "plain kernels" and list(rates)[-1].endswith("= default") and len(rates) == 6
     assert all(r > 0 for r in rates.values())
@@ -483,7 +483,11 @@ def test_benchmark_models_litv2_variants_set_the_ffn_recompute_options():
     assert options("litv2_s@keep-gelu") == {(False, False)}
     assert options("litv2_s@recompute-dwconv") == {(True, True)}
     assert options("litv2_s@keep-gelu@recompute-dwconv") == {(False, True)}
-    for name in ("resnet18@keep-gelu", "resnet18@recompute-dwconv"):
+    from litv2.accel import is_accelerated
+
+    assert is_accelerated(build("litv2_s", 64)) and not is_accelerated(build("litv2_s@plain", 64))
+    assert not is_accelerated(build("resnet18", 64))  # peers run as timm ships them
+    for name in ("resnet18@keep-gelu", "resnet18@recompute-dwconv", "resnet18@plain"):
         with pytest.raises(SystemExit, match="LITv2 models only"):
             build(name, 64)
 

@@ -16,13 +16,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from litv2.data import prepare_digits
-
-    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
-
-
 def test_quickstart_short_learns_and_reports(digits, tmp_path, monkeypatch):
     """A 3-epoch quickstart: loss falls, val top-1 far above chance and equal to an independent count."""
     run = tmp_path / "run"
@@ -296,11 +289,11 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_runs_keep_freed_memory_unless_switched_off(keep, digits, tmp_path, monkeypatch):
     """trainer.cpu_keep_freed_memory (default on): CPU training and evaluation set glibc to keep freed memory."""
-    import litv2.cpu
+    from litv2 import accel
     from litv2.engine import run_eval
 
     calls = []
-    monkeypatch.setattr(litv2.cpu, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(accel, "keep_freed_memory", lambda: calls.append(1) or True)
     flag = f"trainer.cpu_keep_freed_memory={str(keep).lower()}"
     train_in_process(["data=digits", f"data.root={digits}", "data.img_size=32", "data.batch_size=8",
                       "trainer.max_steps=1", flag, *TINY_LITV2, *FAST], tmp_path)

@@ -6,6 +6,7 @@ ends the program with one line (see litv2.errors.UserError).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 from pathlib import Path
@@ -17,14 +18,19 @@ from timm.scheduler import CosineLRScheduler
 
 from litv2.errors import UserError
 
-# Importing timm.optim sets torch's dynamo recompile limit (cache_size_limit) from 8 to 1,000,000 for its Kron
-# optimizer; torch's own limit is kept, so a model that keeps recompiling under trainer.compile=true still stops.
-_recompile_limit = torch._dynamo.config.cache_size_limit
-from timm.optim import param_groups_weight_decay  # noqa: E402
-torch._dynamo.config.cache_size_limit = _recompile_limit
+from litv2.accel._internals import keep_dynamo_recompile_limit
+
+# timm.optim raises dynamo's recompile limit on import; torch's own limit is kept, so a model that keeps
+# recompiling under trainer.compile=true still stops.
+with keep_dynamo_recompile_limit():
+    from timm.optim import param_groups_weight_decay
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ACCEL_MODES = ("auto", "none")
+# model.* keys that choose how the model is computed (litv2.accel), not what: not constructor arguments
+ACCEL_KEYS = ("accel", "recompute_gelu", "recompute_dwconv")
 DATASETS = ("imagenet", "folder", "digits", "synthetic")
+log = logging.getLogger(__name__)
 
 
 def _register_model_families(name: str):
@@ -62,6 +68,8 @@ def check_config(cfg, training: bool = True):
         raise UserError("model.name is not set (e.g. model=litv2_s, or model=timm model.name=resnet50)")
     check_hilo(cfg.hilo)
     check_model_name(cfg.model.name)
+    if cfg.model.get("accel", "auto") not in ACCEL_MODES:
+        raise UserError(f"model.accel={cfg.model.accel!r} is not one of {', '.join(ACCEL_MODES)}")
     if cfg.data.name not in DATASETS:
         raise UserError(f"data.name={cfg.data.name!r} is not one of {', '.join(DATASETS)}")
     if cfg.data.batch_size < 1:
@@ -83,12 +91,26 @@ def check_config(cfg, training: bool = True):
 
 def model_kwargs(model_cfg) -> dict:
     kw = OmegaConf.to_container(model_cfg, resolve=True)
-    kw.pop("name")
+    for key in ("name", *ACCEL_KEYS):
+        kw.pop(key, None)
     return kw
 
 
+def apply_accel(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """model.accel=auto (the default): a LITv2 model runs on litv2.accel's kernels and memory recomputes
+    (model.recompute_gelu, model.recompute_dwconv); none, and every other model: as built."""
+    from litv2.accel import accelerate
+    from litv2.models import LITv2
+
+    m = cfg.model
+    if m.get("accel", "auto") == "auto" and isinstance(model, LITv2):
+        accelerate(model, recompute_gelu=m.get("recompute_gelu", True), recompute_dwconv=m.get("recompute_dwconv", False))
+    return model
+
+
 def build_model(cfg) -> torch.nn.Module:
-    """timm.create_model(model.name, num_classes=data.num_classes, **rest of model.*); never pretrained."""
+    """timm.create_model(model.name, num_classes=data.num_classes, **model.* but the accel keys); never
+    pretrained. The plain model: :func:`apply_accel` puts it on the accelerated kernels."""
     name = cfg.model.name
     _register_model_families(name)
     try:
@@ -116,11 +138,17 @@ def process_settings():
         torch.backends.cudnn.benchmark = benchmark
 
 
+def apply_cpu_settings(trainer_cfg, device: torch.device) -> None:
+    """trainer.cpu_keep_freed_memory for a run on CPU (GPU runs are left alone)."""
+    from litv2 import accel
+
+    if device.type == "cpu" and trainer_cfg.get("cpu_keep_freed_memory", False) and not accel.keep_freed_memory():
+        log.warning("trainer.cpu_keep_freed_memory: this process' malloc is not glibc's; left as it is")
+
+
 def apply_process_settings(cfg, device: torch.device) -> None:
     """trainer.deterministic (deterministic kernels, no cuDNN autotuning) or cuDNN autotuning; on CPU,
     trainer.cpu_keep_freed_memory."""
-    from litv2.cpu import apply_cpu_settings
-
     apply_cpu_settings(cfg.trainer, device)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -7,7 +7,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from litv2.cpu import apply_cpu_settings
 from litv2.errors import UserError
 
 from .checkpoint import FORMAT, load_file
@@ -105,7 +104,7 @@ def run_eval(cfg) -> dict:
     from litv2.data import build_eval_loader, dataset_root
     from litv2.logging import format_table
 
-    from .builders import build_model, check_config
+    from .builders import apply_accel, apply_cpu_settings, build_model, check_config
     from .distributed import init_distributed
 
     check_config(cfg, training=False)
@@ -119,16 +118,18 @@ def run_eval(cfg) -> dict:
             log.info("model, hilo and data settings taken from the checkpoint's run config "
                      "(use_run_config=false to use the command line's)")
             check_config(cfg, training=False)
+    root = None if cfg.profile_only else dataset_root(cfg.data, splits=("val",))
     info = init_distributed(cfg.trainer.device)
     apply_cpu_settings(cfg.trainer, info.device)
     model = build_model(cfg)
-    results = {}
     if not cfg.profile_only:
         load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, state=state)
-        root = dataset_root(cfg.data, splits=("val",))
-        model.to(info.device)
-        if cfg.trainer.channels_last:
-            model.to(memory_format=torch.channels_last)
+    model.to(info.device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    apply_accel(model, cfg)
+    results = {}
+    if not cfg.profile_only:
         eval_model = torch.compile(model, dynamic=False) if cfg.trainer.compile else model
         loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
         results.update(evaluate(eval_model, loader, info.device, cfg.trainer.precision, info,
@@ -150,7 +151,8 @@ LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers")
 
 def with_run_config(cfg, run_cfg: dict):
     """``cfg`` with the model, hilo and data settings a checkpoint was trained with; data keys given
-    on the command line (e.g. data.root=...) and the loader settings stay as given."""
+    on the command line (e.g. data.root=...), the loader settings and how the model is computed (model.accel
+    and its options) stay as given."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -159,7 +161,12 @@ def with_run_config(cfg, run_cfg: dict):
         explicit = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     run = OmegaConf.create(run_cfg)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    from .builders import ACCEL_KEYS
+
+    accel = {k: cfg.model[k] for k in ACCEL_KEYS if k in cfg.model}
     cfg.model, cfg.hilo = run.model, run.hilo
+    for k, v in accel.items():
+        cfg.model[k] = v
     for k, v in run.data.items():
         if k not in LOADER_KEYS and f"data.{k}" not in explicit:
             cfg.data[k] = v

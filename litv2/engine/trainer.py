@@ -31,8 +31,8 @@ from litv2.errors import UserError
 from litv2.logging import RunLogger, log
 
 from . import checkpoint as ckpt
-from .builders import apply_process_settings, build_model, build_optimizer, build_scheduler, check_config, \
-    lr_scale, process_settings
+from .builders import apply_accel, apply_process_settings, build_model, build_optimizer, build_scheduler, \
+    check_config, lr_scale, process_settings
 from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
                           init_distributed, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
@@ -126,6 +126,7 @@ def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
     model.to(info.device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
+    apply_accel(model, cfg)  # model.accel: how it is computed (litv2.accel), not what
     optimizer = build_optimizer(cfg, model, info.world_size)
     mixup_fn, criterion = build_mixup_and_criterion(cfg.aug, cfg.data.num_classes)
     run = Run(cfg, info, run_dir, model, model, ModelEmaV3(model, decay=t.ema.decay) if t.ema.enabled else None,

@@ -2,9 +2,9 @@
 (supplementary Table IV, paper Fig. 3).
 
 Every module takes a channels-last map ``x`` of shape ``(B, H, W, C)`` and returns the same shape,
-like :class:`litv2.models.hilo.HiLo`, so a LITv2 block can swap them freely. Their projections use the
-same :class:`litv2.models.layers.Linear` as HiLo (same parameters as ``nn.Linear``), so speed comparisons
-measure the attention design rather than the kernel choice. Attention runs through
+like :class:`litv2.models.hilo.HiLo`, so a LITv2 block can swap them freely. Their projections are
+``nn.Linear`` layers like HiLo's (and :func:`litv2.accel.accelerate` runs them on the same kernels), so speed
+comparisons measure the attention design rather than the kernel choice. Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (windows and heads are batch dimensions, biases
 and masks go in ``attn_mask``); there are no Python loops over windows or heads.
 
@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .layers import Linear
 
 __all__ = [
     "ATTENTION_CHOICES", "PVT_SR_RATIOS", "SWIN_WINDOW", "TWINS_WINDOW",
@@ -82,8 +81,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = _check_heads(dim, num_heads)
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -119,9 +118,9 @@ class SpatialReductionAttention(nn.Module):
         self.dim, self.num_heads, self.sr_ratio = dim, num_heads, int(sr_ratio)
         self.head_dim = _check_heads(dim, num_heads)
         self.attn_drop = attn_drop
-        self.q = Linear(dim, dim, bias=qkv_bias)
-        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if self.sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=self.sr_ratio, stride=self.sr_ratio)
@@ -203,8 +202,8 @@ class WindowAttention(nn.Module):
         self.head_dim = _check_heads(dim, num_heads)
         self.window_size, self.shift_size = int(window_size), int(shift_size)
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window_size - 1) ** 2, num_heads))
@@ -297,9 +296,9 @@ class CrossShapedWindowAttention(nn.Module):
             raise ValueError(f"split_size must be an integer >= 1, got split_size={split_size}")
         self.dim, self.num_heads, self.split_size = dim, num_heads, int(split_size)
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.lepe = nn.ModuleList(_depthwise(dim // 2, 3) for _ in range(2))  # vertical, horizontal stripes
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -401,8 +400,8 @@ class PerformerAttention(nn.Module):
         super().__init__()
         self.dim, self.num_heads, self.num_features, self.eps = dim, num_heads, num_features, eps
         self.head_dim = _check_heads(dim, num_heads)
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("projection", _orthogonal_random_features(num_features, self.head_dim, seed))
 
@@ -432,19 +431,19 @@ class LargeKernelAttention(nn.Module):
     """VAN's spatial attention (Guo et al., 2022): ``x + proj_2(LKA(GELU(proj_1(x))))``.
 
     LKA (large kernel attention) gates its input ``u`` by a decomposed 21x21 convolution:
-    ``u * conv1(dw7x7_dilation3(dw5x5(u)))``. The 1x1 convolutions are :class:`Linear` layers over the
+    ``u * conv1(dw7x7_dilation3(dw5x5(u)))``. The 1x1 convolutions are ``nn.Linear`` layers over the
     channels of the ``(B, H, W, C)`` map (the same parameters); the depthwise ones take its NCHW view.
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
-        self.proj_1 = Linear(dim, dim)
+        self.proj_1 = nn.Linear(dim, dim)
         self.act = nn.GELU()
         self.conv0 = _depthwise(dim, 5)
         self.conv_spatial = _depthwise(dim, 7, dilation=3)
-        self.conv1 = Linear(dim, dim)
-        self.proj_2 = Linear(dim, dim)
+        self.conv1 = nn.Linear(dim, dim)
+        self.proj_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, type(self).__name__)
@@ -469,10 +468,10 @@ class RecursiveGatedConv(nn.Module):
             raise ValueError(f"gnConv order {order} needs dim divisible by {2 ** (order - 1)}, got {dim}")
         self.dim, self.order, self.scale = dim, order, scale
         self.dims = [dim // 2 ** k for k in reversed(range(order))]
-        self.proj_in = Linear(dim, 2 * dim)
+        self.proj_in = nn.Linear(dim, 2 * dim)
         self.dwconv = _depthwise(sum(self.dims), 7)
-        self.pws = nn.ModuleList(Linear(self.dims[k], self.dims[k + 1]) for k in range(order - 1))
-        self.proj_out = Linear(dim, dim)
+        self.pws = nn.ModuleList(nn.Linear(self.dims[k], self.dims[k + 1]) for k in range(order - 1))
+        self.proj_out = nn.Linear(dim, dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, order={self.order}"
@@ -524,8 +523,8 @@ class FocalAttention(nn.Module):
         ws, e, fw = int(window_size), int(expand_size), int(focal_window)
         self.window_size, self.expand_size, self.focal_window = ws, e, fw
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.pool = nn.Linear(ws * ws, 1)  # Focal's "fc" window pooling, starts as the mean
         nn.init.constant_(self.pool.weight, 1.0 / (ws * ws))
         nn.init.zeros_(self.pool.bias)
@@ -624,7 +623,7 @@ class DeformableAttention(nn.Module):
     ``tanh`` to ``offset_range_factor / (side - 1)`` in normalised coordinates. Each group's channels are
     sampled bilinearly (``align_corners=True``, zeros outside) at its points. Attention adds a relative
     position bias, a learned ``(heads, 2 * map_size - 1, 2 * map_size - 1)`` table sampled bilinearly at
-    half the normalised query-to-key displacement. The four projections are :class:`Linear` layers.
+    half the normalised query-to-key displacement. The four projections are ``nn.Linear`` layers.
 
     DAT-T's 1/16-scale stage uses ``groups = 3``, ``kernel_size = 5`` and ``offset_range_factor = 2``,
     the defaults here. The bias table fits ``map_size``; other map sizes sample it at their own
@@ -647,14 +646,14 @@ class DeformableAttention(nn.Module):
         self.map_size, self.kernel_size = int(map_size), int(kernel_size)
         self.offset_range_factor = offset_range_factor
         self.attn_drop = attn_drop
-        self.proj_q = Linear(dim, dim, bias=qkv_bias)
-        self.proj_k = Linear(dim, dim, bias=qkv_bias)
-        self.proj_v = Linear(dim, dim, bias=qkv_bias)
-        self.proj_out = Linear(dim, dim)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_out = nn.Linear(dim, dim)
         self.offset_dwconv = _depthwise(self.group_dim, self.kernel_size)
         self.offset_norm = nn.LayerNorm(self.group_dim)
         self.offset_act = nn.GELU()
-        self.offset_proj = Linear(self.group_dim, 2, bias=False)  # (dy, dx) per point
+        self.offset_proj = nn.Linear(self.group_dim, 2, bias=False)  # (dy, dx) per point
         side = 2 * self.map_size - 1
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, side, side))
         trunc_normal_(self.rpe_table, std=0.01)
@@ -740,14 +739,14 @@ class QuadTreeAttention(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {name}={value}")
         self.dim, self.num_heads, self.levels, self.topk = dim, num_heads, int(levels), int(topk)
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.value_branches = nn.ModuleList(
             nn.Sequential(nn.GroupNorm(1, dim), nn.GELU(), nn.Conv2d(dim, dim, 2, stride=2),
                           nn.GroupNorm(1, dim), nn.GELU(), nn.Conv2d(dim, dim, 1))
             for _ in range(self.levels - 1))
         self.lepe = nn.ModuleList(_depthwise(dim, 3) for _ in range(self.levels))  # finest level first
         self.level_weight = nn.Parameter(torch.randn(self.levels))  # finest level first
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

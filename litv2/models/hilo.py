@@ -18,7 +18,6 @@ detection code and Swin), and the output is cropped back. When the sides divide,
 Tensors are channels-last ``(B, H, W, C)`` throughout, so every linear layer runs on contiguous rows
 and no layout copy is needed around the block.
 """
-from __future__ import annotations
 
 import math
 
@@ -26,9 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
+__all__ = ["HiLo", "hilo_head_split", "pad_to_multiple"]
 
-__all__ = ["HiLo", "hilo_head_split"]
+
+def pad_to_multiple(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Zero-pad a (B, H, W, C) map at the bottom/right to multiples of ``s`` (no copy when the sides divide)."""
+    pad_h, pad_w = (-x.shape[1]) % s, (-x.shape[2]) % s
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+torch.fx.wrap("pad_to_multiple")  # a leaf for FX tracing: its branch depends on the traced input's size
 
 
 def hilo_head_split(num_heads: int, alpha: float, window_size: int) -> tuple[int, int]:
@@ -50,6 +58,7 @@ class HiLo(nn.Module):
         qkv_bias: bias in the q/k/v projections (the released models use ``True``).
         qk_scale: override of the ``d ** -0.5`` scale.
         attn_drop, proj_drop: dropout on attention weights / after the output projections.
+        device, dtype: where and how the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -62,8 +71,11 @@ class HiLo(nn.Module):
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"HiLo alpha must be in [0, 1], got alpha={alpha}")
         if int(window_size) != window_size or window_size < 1:
@@ -81,26 +93,19 @@ class HiLo(nn.Module):
         self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
         self.attn_drop = attn_drop
 
+        self.l_q = self.l_kv = self.l_proj = self.h_qkv = self.h_proj = None  # a branch without heads has none
         if self.l_heads > 0:
-            self.l_q = Linear(dim, self.l_dim, bias=qkv_bias)
-            self.l_kv = Linear(dim, self.l_dim * 2, bias=qkv_bias)
-            self.l_proj = Linear(self.l_dim, self.l_dim)
+            self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias, **dd)
+            self.l_kv = nn.Linear(dim, self.l_dim * 2, bias=qkv_bias, **dd)
+            self.l_proj = nn.Linear(self.l_dim, self.l_dim, **dd)
         if self.h_heads > 0:
-            self.h_qkv = Linear(dim, self.h_dim * 3, bias=qkv_bias)
-            self.h_proj = Linear(self.h_dim, self.h_dim)
+            self.h_qkv = nn.Linear(dim, self.h_dim * 3, bias=qkv_bias, **dd)
+            self.h_proj = nn.Linear(self.h_dim, self.h_dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads} (lofi={self.l_heads}, hifi={self.h_heads}), "
                 f"window_size={self.ws}, alpha={self.alpha}")
-
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero-pad a (B, H, W, C) map at the bottom/right to multiples of the window size."""
-        H, W = x.shape[1], x.shape[2]
-        pad_h, pad_w = (-H) % self.ws, (-W) % self.ws
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        return x
 
     def _sdpa(self, q, k, v):
         return F.scaled_dot_product_attention(
@@ -110,7 +115,7 @@ class HiLo(nn.Module):
         """Window self-attention over non-overlapping s x s windows. (B, H, W, C) -> (B, H, W, Hh*d)."""
         B, H, W, _ = x.shape
         s, nh, hd = self.ws, self.h_heads, self.head_dim
-        x = self._pad(x)
+        x = pad_to_multiple(x, s)
         Hp, Wp = x.shape[1], x.shape[2]
         hg, wg = Hp // s, Wp // s
         qkv = self.h_qkv(x)  # (B, Hp, Wp, 3*Hh*d)
@@ -119,9 +124,7 @@ class HiLo(nn.Module):
         qkv = qkv.reshape(3, B * hg * wg, nh, s * s, hd)
         out = self._sdpa(qkv[0], qkv[1], qkv[2])  # (B*G, nh, s*s, hd)
         out = out.view(B, hg, wg, nh, s, s, hd).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, self.h_dim)
-        if Hp != H or Wp != W:
-            out = out[:, :H, :W]
-        return self.h_proj(out)
+        return self.h_proj(out[:, :H, :W])
 
     def lofi(self, x: torch.Tensor) -> torch.Tensor:
         """Every query attends to s x s average-pooled keys/values. (B, H, W, C) -> (B, H, W, Hl*d)."""
@@ -130,7 +133,7 @@ class HiLo(nn.Module):
         q = self.l_q(x).view(B, H * W, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
         if self.ws > 1:
             # channels-last view -> NCHW view; avg_pool2d keeps the channels-last memory format
-            pooled = F.avg_pool2d(self._pad(x).permute(0, 3, 1, 2), self.ws, self.ws)
+            pooled = F.avg_pool2d(pad_to_multiple(x, self.ws).permute(0, 3, 1, 2), self.ws, self.ws)
             kv_in = pooled.permute(0, 2, 3, 1)  # (B, H/s, W/s, C)
         else:
             kv_in = x
@@ -140,9 +143,9 @@ class HiLo(nn.Module):
         return self.l_proj(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.h_heads == 0:
+        if self.h_qkv is None:  # all heads Lo-Fi (alpha = 1, or s = 1: plain MSA)
             out = self.lofi(x)
-        elif self.l_heads == 0:
+        elif self.l_q is None:  # all heads Hi-Fi (alpha = 0)
             out = self.hifi(x)
         else:
             out = torch.cat((self.hifi(x), self.lofi(x)), dim=-1)

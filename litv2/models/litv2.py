@@ -9,172 +9,82 @@ Architecture (supplementary Table I; names match the authors' released checkpoin
     layers.3     2 x [HiLo(s=1) = MSA + ConvFFN]     (H/32)
     norm, global average pool, head
 
-ConvFFN = fc1 -> 3x3 depthwise conv (zero padding, bias) -> GELU -> fc2; there is no positional
-encoding. DTM = 2x2/2 deformable conv (``torchvision.ops.deform_conv2d``, offsets from a plain
-2x2/2 conv initialised to zero) -> BatchNorm2d -> GELU. (On CPU, and under torch.compile on any
-device, the deformable conv runs as bilinear resampling + a plain strided conv, see
-:func:`litv2.models.layers.deform_conv2d_resampled`.)
+ConvFFN = fc1 -> 3x3 depthwise conv (zero padding, bias) -> GELU -> fc2; there is no positional encoding.
+DTM = 2x2/2 deformable conv (``torchvision.ops.deform_conv2d``, offsets from a plain 2x2/2 conv initialised to
+zero) -> BatchNorm2d -> GELU. Activations are channels-last ``(B, H, W, C)`` inside the stages; the convs run on
+the ``permute(0, 3, 1, 2)`` view of such a map.
 
-Activations are channels-last ``(B, H, W, C)`` inside the stages. A 2-D conv on the
-``permute(0, 3, 1, 2)`` view of such a tensor runs in PyTorch's channels-last memory format, so the
-depthwise conv and DTM need no layout copies.
+This file is what LITv2 computes. How it is computed faster on a given machine (CPU kernels, memory recomputes)
+is :mod:`litv2.accel`, applied to a built model explicitly.
 """
-from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torchvision.ops import deform_conv2d
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from .hilo import HiLo
-from .layers import (Linear, deform_conv2d_resampled, dwconv_gelu, inference_chunk, recompute_when_saved,
-                     resample_and_conv, resampled_dtm_ok, saved_tensor_hooks_active)
 
 __all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint",
            "load_filtered_state_dict"]
 
+torch.fx.wrap("deform_conv2d")  # a leaf for FX tracing (torchvision's op checks its input shapes in Python)
+
 
 class DWConv(nn.Module):
-    """3x3 depthwise conv with zero padding, then GELU, on a channels-last (B, H, W, C) map.
+    """3x3 depthwise conv with zero padding on a channels-last (B, H, W, C) map."""
 
-    The GELU lives here so that CPU inference can run both as one oneDNN kernel (``dwconv_gelu``).
-    """
-
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dwconv_gelu(x.permute(0, 3, 1, 2), self.dwconv).permute(0, 2, 3, 1)
+        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class ConvFFN(nn.Module):
-    """fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the paper's FFN with implicit zero-padding position).
+    """fc1 -> 3x3 depthwise conv -> GELU -> fc2: the FFN with the implicit zero-padding position of the paper."""
 
-    Two options trade a little backward-pass compute for memory in training; the gradients are bitwise
-    the same either way (every kernel runs as in the plain model, on the same inputs):
-
-    ``recompute_gelu``: fc2 keeps no copy of its input ``GELU(y)`` for the backward pass; the backward pass
-    recomputes it from ``y``. That saves one hidden-width map per block (the widest activation) for one
-    extra GELU in backward.
-
-    ``recompute_dwconv``: GELU keeps no copy of its input ``y = dwconv(fc1(x))`` either; the backward pass
-    recomputes it from ``fc1(x)``, which the depthwise conv's own backward keeps anyway, under the
-    forward's autocast state. That saves a second hidden-width map per block for one depthwise conv in
-    backward (computed once when both options are on: GELU's backward takes the ``y`` that fc2's recompute
-    made). Gradients stay bitwise the same as long as the conv kernel is deterministic (CPU, cuDNN's
-    forward algorithms). A depthwise conv with forward hooks or a parametrized weight keeps its output (the
-    rerun would skip the hooks, or run them and their side effects twice).
-
-    Neither applies under ``torch.compile`` (inductor chooses what to recompute itself), tracing, export,
-    other saved-tensor hooks (activation checkpointing recomputes the whole block anyway) or hooks switched
-    off (``torch.func``), nor for tensor subclasses or with FFN dropout. When a recompute does apply, the
-    depthwise ``Conv2d`` is called directly, so forward hooks on the ``DWConv`` wrapper do not run (hooks on
-    ``dwconv.dwconv`` do).
-    """
-
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, recompute_gelu: bool = True,
-                 recompute_dwconv: bool = False):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
-        self.dwconv = DWConv(hidden_features)  # conv + GELU
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.dwconv = DWConv(hidden_features, **dd)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
         self.drop = nn.Dropout(drop)
-        self.fc2 = Linear(hidden_features, in_features)
-        self.recompute_gelu = recompute_gelu
-        self.recompute_dwconv = recompute_dwconv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if ((self.recompute_gelu or self.recompute_dwconv) and self.drop.p == 0 and torch.is_grad_enabled()
-                and x.requires_grad and type(x) is torch.Tensor
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                and not torch.compiler.is_exporting() and not saved_tensor_hooks_active()):
-            xc = x.permute(0, 3, 1, 2)
-            y = self.dwconv.dwconv(xc)
-            if self.recompute_dwconv and _DWConvRecompute.applies(self.dwconv.dwconv):
-                conv = _DWConvRecompute(self.dwconv.dwconv, xc)
-                with recompute_when_saved(y, conv.take):
-                    g = F.gelu(y)
-                del y  # the recipes below must not hold it
-
-                def remake_g():
-                    return F.gelu(conv.keep())
-            else:
-                g = F.gelu(y)
-
-                def remake_g():
-                    return F.gelu(y)
-            if not self.recompute_gelu:
-                return self.fc2(g.permute(0, 2, 3, 1))
-            with recompute_when_saved(g, remake_g):
-                return self.fc2(g.permute(0, 2, 3, 1))
-        x = self.dwconv(x)
+        x = self.act(self.dwconv(self.fc1(x)))
         return self.drop(self.fc2(self.drop(x)))
-
-
-class _DWConvRecompute:
-    """The depthwise conv of the forward pass again in the backward pass: the same kernel on the same input and
-    weights, without module hooks, under the forward pass's autocast state (autograd runs the backward pass
-    outside it, or inside a context of the caller's) and without building a graph (autograd attaches the
-    remade tensor to the forward's graph). ``keep()`` holds the result for one ``take()``: fc2's backward (the
-    GELU recompute) comes first and GELU's backward then takes the same tensor instead of a second conv."""
-
-    @staticmethod
-    def applies(conv: nn.Conv2d) -> bool:
-        """Hooks (or a parametrized weight) could make ``conv(x)`` differ from the plain conv, or change state
-        when it runs again (spectral norm's power iteration); such a conv keeps its output instead."""
-        from torch.nn.modules import module
-        from torch.nn.utils import parametrize
-        return not (conv._forward_hooks or conv._forward_pre_hooks or parametrize.is_parametrized(conv)
-                    or getattr(module, "_global_forward_hooks", None)
-                    or getattr(module, "_global_forward_pre_hooks", None))
-
-    def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
-        self.conv, self.x, self.y = conv, x, None
-        self.weight, self.bias = conv.weight, conv.bias  # what this forward used
-        device = x.device.type
-        self.autocast = None  # devices without autocast (e.g. meta): none to re-enter
-        if torch.amp.is_autocast_available(device):
-            self.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
-                                 enabled=torch.is_autocast_enabled(device))
-
-    def _run(self) -> torch.Tensor:
-        autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(**self.autocast)
-        with torch.no_grad(), autocast:
-            return self.conv._conv_forward(self.x, self.weight, self.bias)
-
-    def keep(self) -> torch.Tensor:
-        if self.y is None:
-            self.y = self._run()
-        return self.y
-
-    def take(self) -> torch.Tensor:
-        y, self.y = self.y, None
-        return self._run() if y is None else y
 
 
 class DeformConv2d(nn.Module):
     """Deformable conv with its offset conv (mmcv ``DeformConv2dPack`` layout, torchvision kernel).
 
     Offsets are ``(dy, dx)`` per kernel position, the convention of ``torchvision.ops.deform_conv2d``;
-    ``conv_offset`` starts at zero so the layer starts as a plain strided conv.
+    ``conv_offset`` starts at zero so the layer starts as a plain strided conv. The deformable conv runs in fp32 or
+    wider (bilinear sampling positions need it; torchvision's CPU kernel has no fp16/bf16, and its CUDA autocast
+    rule casts to fp32 too) and returns the dtype of the layer's weights.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 2, stride: int = 2,
-                 padding: int = 0):
+                 padding: int = 0, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels))
-        self.conv_offset = nn.Conv2d(in_channels, 2 * kernel_size * kernel_size, kernel_size, stride, padding)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size, **dd))
+        self.bias = nn.Parameter(torch.empty(out_channels, **dd))
+        self.conv_offset = nn.Conv2d(in_channels, 2 * kernel_size * kernel_size, kernel_size, stride, padding, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -185,28 +95,19 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset = self.conv_offset(x)
-        if torch.is_autocast_enabled(x.device.type):
-            # Bilinear sampling positions need fp32 (torchvision has no bf16/fp16 CPU kernel and casts
-            # to fp32 under CUDA autocast too). Compiled, the sampling runs in fp32 and the strided conv
-            # after it follows autocast like any conv; eager, the whole deformable conv runs in fp32,
-            # as torchvision does.
-            if torch.compiler.is_compiling() and resampled_dtm_ok(x):
-                return resample_and_conv(x.float(), offset.float(), self.weight, self.bias, self.stride,
-                                         self.padding)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return deform_conv2d_resampled(x.float(), offset.float(), self.weight.float(), self.bias.float(),
-                                           self.stride, self.padding)
-        return deform_conv2d_resampled(x, offset, self.weight, self.bias, self.stride, self.padding, self)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        out = deform_conv2d(x.to(dtype), self.conv_offset(x).to(dtype), self.weight.to(dtype), self.bias.to(dtype),
+                            stride=(self.stride, self.stride), padding=(self.padding, self.padding))
+        return out.to(self.weight.dtype)
 
 
 class DeformableTokenMerging(nn.Module):
     """DTM: 2x2/2 deformable conv C -> C', BatchNorm2d, GELU. (B, H, W, C) -> (B, H/2, W/2, C')."""
 
-    def __init__(self, dim: int, dim_out: int):
+    def __init__(self, dim: int, dim_out: int, device=None, dtype=None):
         super().__init__()
-        self.dconv = DeformConv2d(dim, dim_out, kernel_size=2, stride=2)
-        self.norm_layer = nn.BatchNorm2d(dim_out)
+        self.dconv = DeformConv2d(dim, dim_out, kernel_size=2, stride=2, device=device, dtype=dtype)
+        self.norm_layer = nn.BatchNorm2d(dim_out, device=device, dtype=dtype)
         self.act_layer = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,27 +121,27 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  window_size: int = 0, alpha: float = 0.9, attention: str = "hilo", block_idx: int = 0,
-                 stage_idx: int | None = None, norm_layer=nn.LayerNorm, recompute_gelu: bool = True,
-                 recompute_dwconv: bool = False):
+                 stage_idx: int | None = None, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
-        self.has_attn = window_size != 0
-        if self.has_attn:
-            self.norm1 = norm_layer(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1, self.attn = None, None  # stages 1-2 have no attention
+        if window_size != 0:
+            self.norm1 = norm_layer(dim, **dd)
             if attention == "hilo":
                 self.attn = HiLo(dim, num_heads, window_size=window_size, alpha=alpha, qkv_bias=qkv_bias,
-                                 attn_drop=attn_drop, proj_drop=drop)
+                                 attn_drop=attn_drop, proj_drop=drop, **dd)
             else:
                 from .attentions import create_attention  # ablation alternatives (paper Table 4)
-                self.attn = create_attention(attention, dim, num_heads, window_size=window_size, alpha=alpha,
-                                             qkv_bias=qkv_bias, block_idx=block_idx, stage_idx=stage_idx,
-                                             attn_drop=attn_drop, proj_drop=drop)
+                with torch.device(device) if device is not None else nullcontext():
+                    self.attn = create_attention(attention, dim, num_heads, window_size=window_size, alpha=alpha,
+                                                 qkv_bias=qkv_bias, block_idx=block_idx, stage_idx=stage_idx,
+                                                 attn_drop=attn_drop, proj_drop=drop).to(dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop, recompute_gelu=recompute_gelu,
-                           recompute_dwconv=recompute_dwconv)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.has_attn:
+        if self.attn is not None:
             x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -249,34 +150,26 @@ class Stage(nn.Module):
     """``depth`` blocks followed by an optional DTM to the next stage (checkpoint name ``layers.i``)."""
 
     def __init__(self, dim: int, dim_out: int | None, depth: int, num_heads: int, window_size: int,
-                 drop_path: Sequence[float], downsample: bool, **block_kwargs):
+                 drop_path: Sequence[float], downsample: bool, device=None, dtype=None, **block_kwargs):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList([
-            Block(dim, num_heads, window_size=window_size, drop_path=drop_path[i], block_idx=i, **block_kwargs)
-            for i in range(depth)])
-        self.downsample = DeformableTokenMerging(dim, dim_out) if downsample else None
-        self.widest = max([dim] + [b.mlp.fc1.out_features for b in self.blocks])
+        self.blocks = nn.Sequential(*[
+            Block(dim, num_heads, window_size=window_size, drop_path=drop_path[i], block_idx=i, **dd,
+                  **block_kwargs) for i in range(depth)])
+        self.downsample = DeformableTokenMerging(dim, dim_out, **dd) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        # Every block is per-sample (LayerNorm, attention, ConvFFN); at CPU inference the batch runs in
-        # chunks whose widest activation (the FFN hidden map) stays small, see ``inference_chunk``.
-        chunk = inference_chunk(x, self.widest)
-        if chunk < x.shape[0]:  # equal chunks: ceil(B / chunk) of them
-            return torch.cat([self._run_blocks(part) for part in x.tensor_split(-(-x.shape[0] // chunk))])
-        return self._run_blocks(x)
-
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        """The blocks alone: the stage's output map before the DTM."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_blocks(x)
-        return self.downsample(x) if self.downsample is not None else x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
 
 
 def _as_stage_list(value, n: int, name: str) -> list:
@@ -304,13 +197,11 @@ class LITv2(nn.Module):
         attention: ``"hilo"`` or an ablation alternative for the attention stages
             (``"msa"``, ``"sra"``, ``"wmsa"``, ``"tmsa"``; see :mod:`litv2.models.attentions`).
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth (linear rule).
-        recompute_gelu: in training, recompute each ConvFFN's GELU output in the backward pass instead of
-            keeping it (one hidden-width map per block less memory, bitwise the same gradients; see
-            :class:`ConvFFN`).
-        recompute_dwconv: in training, also recompute each ConvFFN's depthwise-conv output (GELU's input) in
-            the backward pass (one more hidden-width map per block less memory for one depthwise conv in
-            backward; bitwise the same gradients; see :class:`ConvFFN`).
+        global_pool: ``"avg"`` or ``""`` (no pooling: ``forward`` returns the NHWC map).
+        device, dtype: where and how the parameters are created (timm's factory arguments).
     """
+
+    output_fmt = "NHWC"  # forward_features' layout
 
     def __init__(
         self,
@@ -331,10 +222,11 @@ class LITv2(nn.Module):
         global_pool: str = "avg",
         patch_size: int = 4,
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
-        recompute_gelu: bool = True,
-        recompute_dwconv: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         depths = list(depths)
         if len(depths) == 0 or any(int(d) < 1 for d in depths):
             raise ValueError(f"depths must be a non-empty list of positive block counts, got depths={depths}")
@@ -351,10 +243,10 @@ class LITv2(nn.Module):
                                  f"got local_ws[{i}]={local_ws[i]}")
             if num_heads[i] < 1 or dims[i] % num_heads[i] != 0:
                 raise ValueError(f"num_heads[{i}]={num_heads[i]} must divide the stage width {dims[i]}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_global_pool(global_pool)
 
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
         self.embed_dim = embed_dim
@@ -362,9 +254,9 @@ class LITv2(nn.Module):
         self.attention = attention
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]  # also under a meta device
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]  # also under meta
         self.layers = nn.ModuleList()
         self.feature_info = []
         reduction = patch_size
@@ -373,13 +265,13 @@ class LITv2(nn.Module):
                 dims[i], dims[i + 1] if i < n - 1 else None, depths[i], num_heads[i], local_ws[i],
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < n - 1,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                alpha=alphas[i], attention=attention, stage_idx=i, norm_layer=norm_layer,
-                recompute_gelu=recompute_gelu, recompute_dwconv=recompute_dwconv))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
+                alpha=alphas[i], attention=attention, stage_idx=i, norm_layer=norm_layer, **dd))
+            # the stage's map before its DTM (hooks on the stage itself would see the downsampled map)
+            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}.blocks"))
             reduction *= 2
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -420,10 +312,15 @@ class LITv2(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
+        """A new classifier for ``num_classes`` (0: none) on the model's device and dtype; ``global_pool``
+        ``"avg"`` or ``""`` (None keeps the current pooling)."""
         if global_pool is not None:
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_classes = num_classes
+        ref = next(self.parameters())
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype).train(
+            self.training) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalised last-stage map, channels-last (B, H/32, W/32, C4)."""
@@ -441,14 +338,22 @@ class LITv2(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """Multi-scale maps for dense prediction (timm API): stage outputs before each DTM, NCHW."""
+        """Multi-scale maps for dense prediction (timm API): each stage's output before its DTM.
+
+        Args:
+            indices: stages to return: the last ``n`` (int), a list (negative from the end), or None for all.
+            norm: apply the final norm to the last stage's map.
+            stop_early: stop after the last stage asked for.
+            output_fmt: ``"NCHW"`` or ``"NHWC"``.
+            intermediates_only: return the maps alone, without the final features.
+        """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         n = len(self.layers)
-        take = self._take_indices(indices)
+        take, max_index = feature_take_indices(n, indices)
         intermediates = []
         x = self.pos_drop(self.patch_embed(x))
-        last = max(take) if stop_early else n - 1
+        last = max_index if stop_early else n - 1
         for i, stage in enumerate(self.layers[:last + 1]):
             x = stage.forward_blocks(x)
             if i in take:
@@ -462,22 +367,13 @@ class LITv2(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
-        n = len(self.layers)
-        if indices is None:
-            return list(range(n))
-        if isinstance(indices, int):
-            return list(range(n - indices, n))
-        return sorted(i % n for i in indices)
-
     def prune_intermediate_layers(self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """Drop the stages (and DTM) after the last stage in ``indices``; optionally norm and head."""
-        take = self._take_indices(indices)
-        last = max(take)
-        self.layers = self.layers[:last + 1]
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
-        if prune_norm or last < len(self.depths) - 1:
+        if prune_norm or max_index < len(self.depths) - 1:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
@@ -487,20 +383,21 @@ class LITv2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+
+
 class PatchEmbed(nn.Module):
     """Conv2d PxP/P then LayerNorm; returns channels-last (B, H/P, W/P, C)."""
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, norm_layer):
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, norm_layer, device=None, dtype=None):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
-        self.norm = norm_layer(embed_dim)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, device=device, dtype=dtype)
+        self.norm = norm_layer(embed_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # From a channels-last input the conv writes a channels-last output, so the (B, H, W, C) view
-        # LayerNorm reads is contiguous; from NCHW, LayerNorm first copies the permuted map element by
-        # element (on CPU 5x the time of the conv and the norm together at batch 16).
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
-        return self.norm(x.permute(0, 2, 3, 1))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 # ---- released checkpoints -----------------------------------------------------------------------
