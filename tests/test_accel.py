@@ -533,13 +533,16 @@ def test_cpu_inference_runs_stage_blocks_in_chunks_with_unchanged_outputs(monkey
     assert batches == [7]
 
 
-def test_cached_onednn_weights_follow_optimizer_and_ema_updates(tiny):
-    """CPU inference caches oneDNN-blocked weights; every in-place update must be seen (no stale cache)."""
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adamw"])
+def test_cached_onednn_weights_follow_optimizer_and_ema_updates(tiny, optimizer):
+    """CPU inference caches oneDNN-blocked weights; every in-place update must be seen (no stale cache), also
+    the fused AdamW the trainer uses, which updates weights without bumping their version."""
     from timm.utils import ModelEmaV3
 
     model = accelerate(tiny())
     ema = ModelEmaV3(model, decay=0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.5) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=0.05, fused=True))
     x = torch.randn(2, 3, 64, 64)
 
     def fast_and_plain(m):

@@ -127,6 +127,26 @@ def cpu_allocation_events(prof) -> list[tuple[int, int, int]] | None:
     return sorted(events, key=lambda e: e[0])  # stable: same-time events keep the tree order
 
 
+# ---- torch.optim: a step skipped on the device ----------------------------------------------------
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``found_inf`` (a 0-dim float tensor on the parameters' device) is nonzero,
+    decided on the device. Fused optimizers take ``found_inf`` (and ``grad_scale``) as attributes, the contract
+    GradScaler uses with them, and skip the update inside their kernel; for the others the flag is read on the host
+    (a device sync), with one warning."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and _checked_release():
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf
+        try:
+            optimizer.step()
+        finally:
+            optimizer.grad_scale = optimizer.found_inf = None
+        return
+    warn_once("skipping non-finite steps on the device",
+              f"{type(optimizer).__name__} is not fused: the step reads the device every step")
+    if not found_inf.item():
+        optimizer.step()
+
+
 # ---- dynamo ---------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

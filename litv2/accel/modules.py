@@ -18,7 +18,20 @@ from .flags import Flags, taken
 from .recompute import DWConvRecompute, recompute_when_saved, saved_tensor_hooks_active
 
 
-class FastLinear(nn.Linear):
+class _PackedWeights:
+    """Setting the mode (``train()`` / ``eval()``) drops the module's cached oneDNN-blocked weights: a fused
+    optimizer updates weights in place without bumping their version, which the cache could not see."""
+
+    def _packed(self) -> tuple[nn.Module, ...]:
+        return (self,)
+
+    def train(self, mode: bool = True):
+        for m in self._packed():
+            onednn.forget_packed(m)
+        return super().train(mode)
+
+
+class FastLinear(_PackedWeights, nn.Linear):
     """On a CPU ``(B, H, W, C)`` map: a 1x1 conv of its channels-last view (oneDNN; fp32 inference takes the
     cached blocked weight). Elsewhere ``F.linear``."""
 
@@ -26,7 +39,7 @@ class FastLinear(nn.Linear):
         return onednn.linear(self, x)
 
 
-class FastConvFFN(ConvFFN):
+class FastConvFFN(_PackedWeights, ConvFFN):
     """At CPU inference the depthwise conv + GELU run as one oneDNN kernel. In training, with
     ``recompute_gelu`` / ``recompute_dwconv``, the GELU output / the depthwise conv's output are not kept for the
     backward pass but recomputed there (one, then a second, hidden-width map per block less memory; bitwise the
@@ -42,6 +55,9 @@ class FastConvFFN(ConvFFN):
 
     recompute_gelu: bool = True
     recompute_dwconv: bool = False
+
+    def _packed(self) -> tuple[nn.Module, ...]:
+        return (self.dwconv.dwconv,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
@@ -86,7 +102,7 @@ class FastConvFFN(ConvFFN):
             return self.fc2(g.permute(0, 2, 3, 1))
 
 
-class FastDeformConv2d(DeformConv2d):
+class FastDeformConv2d(_PackedWeights, DeformConv2d):
     """On CPU (eager) and under ``torch.compile`` (any device): the deformable conv as resampling + a strided
     conv (:mod:`litv2.accel.dtm`). Under autocast the sampling runs in fp32; compiled, the strided conv after it
     follows autocast like any conv, eager the whole deformable conv runs in fp32, as torchvision's does."""
@@ -174,7 +190,7 @@ def restore(model: nn.Module) -> nn.Module:
             continue
         for name in _ADDED:
             m.__dict__.pop(name, None)
-        onednn._packed_weights.pop(m, None)
+        onednn.forget_packed(m)
     return model
 
 

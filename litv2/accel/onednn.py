@@ -24,6 +24,10 @@ _StorageWeakRef = _internals.storage_weak_ref()
 _packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def forget_packed(module: nn.Module) -> None:
+    _packed_weights.pop(module, None)
+
+
 def eager_cpu(x: torch.Tensor) -> bool:
     """Whether ``x`` runs eagerly on the CPU with the fast paths on (not traced, exported or compiled)."""
     return (Flags.cpu_fast_paths and x.device.type == "cpu" and not torch.jit.is_tracing()
@@ -39,7 +43,8 @@ def inference_conv(x: torch.Tensor, module: nn.Module, weight: torch.Tensor, bia
     """``attr(conv(x))`` on oneDNN with a cached blocked copy of ``weight``, or None (the caller's plain path).
 
     Only for eager fp32 CPU inference: no autograd, no autocast. The blocked copy is made once per module and made
-    again when the weight changes: an optimizer step or ``load_state_dict`` bumps the tensor's version; a weight
+    again when the weight changes: an in-place update or ``load_state_dict`` bumps the tensor's version (a fused
+    optimizer does not: the accelerated modules drop their copies whenever their mode is set); a weight
     computed on every call (a parametrization such as weight norm or a LoRA delta) or swapped in with
     ``param.data = ...`` lives in another storage. The key names the storage object; the entry holds a weak
     reference to it, which keeps that address from being given to a new storage after the old one is freed (a data

@@ -259,38 +259,80 @@ def fit(run: Run) -> None:
         save(run, ckpt.LAST, keep_previous=ckpt.PREV)
 
 
+class StepStats:
+    """What the steps of one log interval report, kept on the device and read once per interval.
+
+    Each step writes its loss, non-finite-loss flag, stop request and skipped images into ``step`` and all-reduces
+    it (a device collective: no wait for the host). ``window`` accumulates the interval: the loss over finite steps,
+    finite and non-finite step counts, skipped images, the first non-finite step (+ 1; 0 = none), the last gradient
+    norm and the stop request. :meth:`read` is the interval's one device -> host copy.
+    """
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros(4, device=device)
+        self.window = torch.zeros(7, device=device)
+
+    def record(self, loss_sum: torch.Tensor, accum_steps: int, stop: bool, skipped: int, info: DistInfo):
+        s = self.step
+        s[0].copy_(loss_sum / accum_steps)
+        s[1].copy_((~torch.isfinite(loss_sum)).float())
+        s[2].fill_(float(stop))
+        s[3].fill_(float(skipped))
+        all_reduce_sum(s, info)
+        return (s[1] > 0).float()  # non-finite on any rank: every rank skips the optimizer step
+
+    def add(self, found_inf: torch.Tensor, grad_norm: torch.Tensor | None, global_step: int) -> None:
+        w, s = self.window, self.step
+        w[0] += torch.where(found_inf > 0, 0.0, s[0])
+        w[1] += 1 - found_inf
+        w[2] += found_inf
+        w[3] += s[3]
+        w[4] = torch.where((w[4] == 0) & (found_inf > 0), float(global_step + 1), w[4])
+        w[5] = float("nan") if grad_norm is None else grad_norm
+        w[6] = torch.maximum(w[6], s[2])
+
+    def read(self, world_size: int) -> dict:
+        loss, finite, nonfinite, skipped, first_bad, grad_norm, stop = self.window.tolist()
+        self.window.zero_()
+        return {"loss": loss / max(finite * world_size, 1) if finite else float("nan"), "nonfinite": int(nonfinite),
+                "skipped_images": int(skipped), "first_nonfinite": int(first_bad) - 1, "grad_norm": grad_norm,
+                "stop": stop > 0}
+
+
 def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
-    """Optimizer steps from progress.step_in_epoch to the end of the epoch (or max_steps / a stop signal)."""
+    """Optimizer steps from progress.step_in_epoch to the end of the epoch (or max_steps / a stop signal).
+
+    The step path does not wait for the device: a step with a non-finite loss is skipped on the device, and the
+    figures a step reports are read once per log interval (and before a checkpoint), where a stop signal or a
+    non-finite loss (trainer.on_nonfinite=stop) then takes effect."""
     t, p, info = run.cfg.trainer, run.progress, run.info
     run.train_model.train()
     batches = iter(run.train_loader)
     bar = run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}")
-    window_images, window_start = 0, time.time()
+    stats, window_images, window_start = StepStats(info.device), 0, time.time()
     while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
         run.scheduler.step_update(p.global_step)
         loss_sum, images_seen, skipped = _forward_backward(run, batches)
-        # one all-reduce per step: loss, non-finite flag, stop request, skipped images; one device -> host read
-        stats = torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float(),
-                             torch.tensor(float(run.stop.requested is not None), device=info.device),
-                             torch.tensor(float(skipped), device=info.device)])
-        loss_value, nonfinite, stop_requested, skipped = all_reduce_sum(stats, info).tolist()
-        loss_value /= info.world_size
-        p.skipped_images += int(skipped)
-        grad_norm = _skip_step(run, loss_value) if nonfinite > 0 else _optimizer_step(run)
+        found_inf = stats.record(loss_sum, t.accum_steps, run.stop.requested is not None, skipped, info)
+        stats.add(found_inf, _optimizer_step(run, found_inf), p.global_step)
         p.global_step += 1
         p.step_in_epoch += 1
         window_images += images_seen * info.world_size
         bar.update(1)
-        if p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch:
-            rate = window_images / max(time.time() - window_start, 1e-9)
-            _log_step(run, bar, loss_value, grad_norm, rate)
-            window_images, window_start = 0, time.time()
-        if stop_requested > 0:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
+        checkpoint_due = t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0
+        if not (p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch
+                or p.global_step >= max_steps or checkpoint_due):
+            continue
+        window = stats.read(info.world_size)
+        _account_nonfinite(run, window)
+        _log_step(run, bar, window, window_images / max(time.time() - window_start, 1e-9))
+        window_images, window_start = 0, time.time()
+        if window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
             save(run, ckpt.LAST, keep_previous=ckpt.PREV)
             bar.close()
             signum = run.stop.requested or signal.SIGTERM
             raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
-        if t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0 and p.step_in_epoch < run.steps_per_epoch:
+        if checkpoint_due and p.step_in_epoch < run.steps_per_epoch:
             save(run, ckpt.LAST, keep_previous=ckpt.PREV)
     bar.close()
 
@@ -324,17 +366,23 @@ def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
     return loss_sum, images_seen, skipped
 
 
-def _optimizer_step(run: Run) -> torch.Tensor | None:
-    """Clip, step, update the EMA, zero the gradients; returns the gradient norm before clipping as a device tensor
-    (read only when logged, so the step queues without waiting for the GPU), or None without clipping."""
+def _optimizer_step(run: Run, found_inf: torch.Tensor) -> torch.Tensor | None:
+    """Clip, step (skipped on the device where ``found_inf``), update the EMA, zero the gradients; returns the
+    gradient norm before clipping as a device tensor, or None without clipping. fp16: GradScaler skips steps whose
+    gradients overflow (a non-finite loss has non-finite gradients), as it does anyway."""
+    from litv2.accel import _internals
+
     grad_norm = None
     if run.cfg.optim.clip_grad:
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        _internals.optimizer_step_unless(run.optimizer, found_inf)
     _zero_grad(run)
-    if run.ema is not None:
+    if run.ema is not None:  # (after a skipped step: towards the unchanged weights)
         run.ema.update(run.model, step=run.progress.global_step)
     return grad_norm
 
@@ -344,27 +392,29 @@ def _zero_grad(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=not run.info.distributed)
 
 
-def _skip_step(run: Run, loss_value: float) -> None:
-    """A non-finite loss: stop (trainer.on_nonfinite=stop, keeping the last good checkpoint) or drop the step."""
+def _account_nonfinite(run: Run, window: dict) -> None:
+    """Count the interval's skipped images and non-finite-loss steps; trainer.on_nonfinite=stop ends the run at
+    the first such step (its update was skipped, and no checkpoint was written after it)."""
     p = run.progress
+    p.skipped_images += window["skipped_images"]
+    if not window["nonfinite"]:
+        return
     if run.cfg.trainer.on_nonfinite == "stop":
-        raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {p.global_step} (epoch {p.epoch + 1}, "
-                            f"iteration {p.step_in_epoch}); the last good checkpoint is kept "
-                            f"(trainer.on_nonfinite=skip skips such steps instead)")
-    _zero_grad(run)
+        raise NonFiniteLoss(f"non-finite loss at step {window['first_nonfinite']} (epoch {p.epoch + 1}); the "
+                            f"last good checkpoint is kept (trainer.on_nonfinite=skip skips such steps instead)")
+    p.skipped_steps += window["nonfinite"]
     if run.info.is_main:
-        log.warning("non-finite loss at step %d: step skipped", p.global_step)
-    p.skipped_steps += 1
+        log.warning("non-finite loss at %d step(s) from step %d: skipped", window["nonfinite"],
+                    window["first_nonfinite"])
 
 
-def _log_step(run: Run, bar, loss_value: float, grad_norm, rate: float) -> None:
+def _log_step(run: Run, bar, window: dict, rate: float) -> None:
     p = run.progress
     lr = run.optimizer.param_groups[0]["lr"]
     run.logger.log({"step": p.global_step, "epoch": p.epoch + p.step_in_epoch / run.steps_per_epoch,
-                    "train/loss": loss_value, "train/lr": lr,
-                    "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                    "train/loss": window["loss"], "train/lr": lr, "train/grad_norm": window["grad_norm"],
                     "train/images_per_s": rate, "train/skipped_images": p.skipped_images})
-    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+    bar.set_postfix(loss=f"{window['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
 
 
 def validate(run: Run, epoch: int) -> None:
