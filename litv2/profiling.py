@@ -189,9 +189,9 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
 
     GPU: ``torch.cuda.max_memory_allocated`` over the step (weights included, as the paper reports).
     CPU: peak of the live tensor bytes the step allocates (activations, gradients, workspace), see
-    :func:`peak_memory`. An inference forward is measured after one untimed forward, so what a model
-    builds once and keeps (the CPU fast path's packed weight copies) does not count, whatever was run
-    before; a train step is measured as it comes.
+    :func:`peak_memory`. Either is measured after one unmeasured call of the same kind, so what runs once
+    (cuDNN's autotuning and its workspaces, the CPU fast path's packed weight copies) does not count, whatever
+    was run before.
     """
     device = torch.device(device)
     h, w = _img_hw(img_size)
@@ -209,8 +209,9 @@ def measure_memory(model: nn.Module, batch_size: int = 64, img_size=224, device=
                 out.float().mean().backward()
 
     try:
-        if not train:
-            step()  # builds what the model keeps from its first inference call
+        step()  # what the first call builds (autotuning, packed weights) is not the step's memory
+        if train:
+            model.zero_grad(set_to_none=True)
         return peak_memory(step, device)
     finally:
         if train:

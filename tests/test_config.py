@@ -92,3 +92,18 @@ def test_importing_the_engine_keeps_torch_compiles_recompile_limit():
     code = ("import torch._dynamo.config as c; limit = c.cache_size_limit; import litv2.engine.builders; "
             "import litv2.engine.trainer; assert c.cache_size_limit == limit, (c.cache_size_limit, limit)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tf32_on_cuda_unless_deterministic_and_put_back_afterwards():
+    import torch
+
+    from litv2.engine.builders import apply_process_settings, process_settings, tf32_enabled
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for overrides, expected in (([], True), (["trainer.deterministic=true"], False), (["trainer.tf32=false"], False)):
+        with process_settings():
+            apply_process_settings(compose(["data=digits", "trainer.cpu_keep_freed_memory=false", *overrides]),
+                                   torch.device("cuda"))
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (expected, expected)
+            assert tf32_enabled(torch.device("cuda")) == expected and not tf32_enabled(torch.device("cpu"))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved

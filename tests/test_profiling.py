@@ -33,8 +33,8 @@ def test_efficiency_report_times_and_measures_channels_last_inputs_when_asked():
     model.register_forward_pre_hook(lambda mod, inputs: layouts.append(
         inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()))
     efficiency_report(model, img_size=64, batch_size=4, runs=1, warmup=0, channels_last=True)
-    # after the FLOP count: throughput, train memory, test memory (one untimed forward, then the measured one)
-    assert layouts[1:] == [True] * 4
+    # after the FLOP count: throughput, then train and test memory (each one unmeasured call, then the measured one)
+    assert layouts[1:] == [True] * 5
 
 
 def test_flops_scale_with_input_and_non_square():

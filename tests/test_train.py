@@ -305,3 +305,47 @@ def test_cpu_runs_keep_freed_memory_unless_switched_off(keep, digits, tmp_path, 
     run_eval(compose([f"checkpoint={tmp_path / 'last.pth'}", "profile.enabled=false", "data.num_workers=0", flag],
                      config="eval"))
     assert calls == ([1, 1] if keep else [])
+
+
+def test_eval_of_a_compiled_model_compiles_once_for_a_smaller_last_batch(digits, tiny):
+    """eval.py compiles with static shapes: the last val batch (360 = 7 x 48 + 24) is padded, not recompiled."""
+    from omegaconf import OmegaConf
+
+    from litv2.data import build_eval_loader
+    from litv2.engine.evaluate import evaluate
+
+    data = OmegaConf.merge(OmegaConf.load(Path(__file__).parents[1] / "conf" / "data" / "digits.yaml"),
+                           {"root": str(digits), "batch_size": 48, "num_workers": 0})
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(tuple(example_inputs[0].shape) if example_inputs else None)
+        return gm.forward
+
+    model = tiny().eval()
+    torch._dynamo.reset()
+    try:
+        compiled = evaluate(torch.compile(model, backend=counting, dynamic=False), build_eval_loader(data, digits),
+                            torch.device("cpu"), pad_to=48)
+    finally:
+        torch._dynamo.reset()
+    eager = evaluate(model, build_eval_loader(data, digits), torch.device("cpu"))
+    assert len(graphs) == 1 and compiled["images"] == eager["images"] == 360
+    assert compiled["top1"] == eager["top1"] and compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+
+
+def test_train_and_eval_report_the_same_efficiency_figures(digits, tmp_path):
+    """The report measures a fresh copy of the model under the run's settings: a training run's summary and
+    eval.py on its checkpoint give the same (CPU: exactly repeatable) memory figures, at profile.precision."""
+    from litv2.engine import run_eval
+
+    common = ["profile.batch_size=2", "profile.runs=1", "profile.warmup=0", "profile.img_size=32",
+              "trainer.precision=bf16", "data.num_workers=0"]
+    summary = train_in_process(["data=digits", "aug=none", f"data.root={digits}", "data.img_size=32",
+                                "data.batch_size=8", "trainer.max_steps=1", "trainer.ema.enabled=true", *common,
+                                *TINY_LITV2, "logger=none"], tmp_path)
+    report = run_eval(compose([f"checkpoint={tmp_path / 'last.pth'}", "profile_only=false", *common], config="eval"))
+    assert summary["precision"] == report["precision"] == "bf16" and summary["tf32"] is False
+    assert summary["params"] == report["params"] and summary["gflops"] == report["gflops"]
+    assert summary["train_mem_mb"] == report["train_mem_mb"] > 0
+    assert summary["test_mem_mb"] == report["test_mem_mb"]

@@ -127,15 +127,17 @@ def lr_scale(cfg, world_size: int) -> float:
 
 @contextlib.contextmanager
 def process_settings():
-    """Put back, on exit, the process-wide torch settings a run changes (determinism, cuDNN autotuning)."""
+    """Put back, on exit, the process-wide torch settings a run changes (determinism, cuDNN autotuning, TF32)."""
     deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
         torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def apply_cpu_settings(trainer_cfg, device: torch.device) -> None:
@@ -147,14 +149,24 @@ def apply_cpu_settings(trainer_cfg, device: torch.device) -> None:
 
 
 def apply_process_settings(cfg, device: torch.device) -> None:
-    """trainer.deterministic (deterministic kernels, no cuDNN autotuning) or cuDNN autotuning; on CPU,
-    trainer.cpu_keep_freed_memory."""
-    apply_cpu_settings(cfg.trainer, device)
-    if cfg.trainer.deterministic:
+    """trainer.deterministic (deterministic kernels, no cuDNN autotuning, no TF32) or cuDNN autotuning and, on
+    CUDA, TF32 for fp32 matmuls and convolutions (trainer.tf32; torch leaves TF32 matmuls off); on CPU,
+    trainer.cpu_keep_freed_memory. train.py and eval.py run with the same settings."""
+    t = cfg.trainer
+    apply_cpu_settings(t, device)
+    if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        tf32 = bool(t.get("tf32", True)) and not t.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
+def tf32_enabled(device: torch.device) -> bool:
+    """Whether fp32 matmuls on ``device`` run in TF32 (what the run's report records)."""
+    return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
 def build_optimizer(cfg, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:

@@ -24,11 +24,12 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | None = None,
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, pad_to: int | None = None) -> dict:
     """Top-1, top-5 (%), mean cross-entropy and the image count, exact across ranks.
 
     Each rank evaluates its own shard (no padding); sums are all-reduced, so every val image is
-    counted exactly once whatever the world size.
+    counted exactly once whatever the world size. ``pad_to``: a smaller batch is padded with zero images to this
+    size and their outputs dropped (a model compiled for static shapes then runs one graph).
     """
     was_training = model.training
     model.eval()
@@ -38,11 +39,14 @@ def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | No
         if images is None:
             continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        n = len(images)
+        if pad_to is not None and n < pad_to:
+            images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(images)
-        logits = logits.float()
+        logits = logits[:n].float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top.eq(targets[:, None])
@@ -82,18 +86,35 @@ def load_weights(model, path, use_ema: bool = False, strict: bool = True, state:
     return state
 
 
-def profile_model(model, cfg, device) -> dict:
-    """The efficiency report of the paper's Table 1 (params, GFLOPs, img/s, train/test memory)."""
+def profile_model(cfg, device, state_dict: dict | None = None) -> dict:
+    """The efficiency report of the paper's Table 1 (params, GFLOPs, img/s, train/test memory).
+
+    It measures a fresh copy of the configured model (with ``state_dict``), built, placed and accelerated as
+    train.py and eval.py build theirs, under the process settings the caller applied (cuDNN autotuning, TF32), at
+    ``profile.precision``: nothing else is resident, so both report the same figures for the same model.
+    """
     from litv2.profiling import efficiency_report
 
-    p = cfg.profile
-    on_gpu = torch.device(device).type == "cuda"
+    from .builders import apply_accel, build_model, tf32_enabled
+
+    p, device = cfg.profile, torch.device(device)
+    on_gpu = device.type == "cuda"
     runs = p.runs if p.runs is not None else (30 if on_gpu else 3)
     warmup = p.warmup if p.warmup is not None else (10 if on_gpu else 1)
+    precision = p.get("precision") or "fp32"
+    channels_last = bool(cfg.trainer.get("channels_last", False))
     try:
-        return efficiency_report(model, img_size=p.img_size, device=device, batch_size=p.batch_size,
-                                 runs=runs, warmup=warmup, memory=p.memory,
-                                 channels_last=bool(cfg.trainer.get("channels_last", False)))
+        model = build_model(cfg)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        apply_accel(model, cfg)
+        report = efficiency_report(model, img_size=p.img_size, device=device, batch_size=p.batch_size,
+                                   runs=runs, warmup=warmup, memory=p.memory, amp_dtype=AMP_DTYPES[precision],
+                                   channels_last=channels_last)
+        return {**report, "precision": precision, "tf32": tf32_enabled(device)}
     except Exception as e:  # profiling must never cost a finished training run
         log.warning("efficiency report failed: %s", e)
         return {"profile_error": str(e).splitlines()[0] if str(e) else type(e).__name__}
@@ -101,10 +122,9 @@ def profile_model(model, cfg, device) -> dict:
 
 def run_eval(cfg) -> dict:
     """The eval.py job: accuracy of a checkpoint on data.root/val plus the efficiency report."""
-    from litv2.data import build_eval_loader, dataset_root
-    from litv2.logging import format_table
+    from litv2.data import dataset_root
 
-    from .builders import apply_accel, apply_cpu_settings, build_model, check_config
+    from .builders import apply_process_settings, check_config, process_settings
     from .distributed import init_distributed
 
     check_config(cfg, training=False)
@@ -120,7 +140,17 @@ def run_eval(cfg) -> dict:
             check_config(cfg, training=False)
     root = None if cfg.profile_only else dataset_root(cfg.data, splits=("val",))
     info = init_distributed(cfg.trainer.device)
-    apply_cpu_settings(cfg.trainer, info.device)
+    with process_settings():
+        apply_process_settings(cfg, info.device)  # as in training: cuDNN autotuning, TF32, malloc
+        return _run_eval(cfg, state, root, info)
+
+
+def _run_eval(cfg, state, root, info) -> dict:
+    from litv2.data import build_eval_loader
+    from litv2.logging import format_table
+
+    from .builders import apply_accel, build_model
+
     model = build_model(cfg)
     if not cfg.profile_only:
         load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, state=state)
@@ -132,10 +162,12 @@ def run_eval(cfg) -> dict:
     if not cfg.profile_only:
         eval_model = torch.compile(model, dynamic=False) if cfg.trainer.compile else model
         loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
+        # compiled with static shapes: the last, smaller batch is padded to the others' size (no second compile)
         results.update(evaluate(eval_model, loader, info.device, cfg.trainer.precision, info,
-                                channels_last=cfg.trainer.channels_last))
+                                channels_last=cfg.trainer.channels_last,
+                                pad_to=cfg.data.batch_size if cfg.trainer.compile else None))
     if cfg.profile.enabled or cfg.profile_only:
-        results.update(profile_model(model, cfg, info.device))
+        results.update(profile_model(cfg, info.device, None if cfg.profile_only else model.state_dict()))
     if info.is_main:
         print(format_table({k: v for k, v in results.items() if not isinstance(v, (list, dict))}))
         if cfg.get("output"):

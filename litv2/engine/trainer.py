@@ -32,7 +32,7 @@ from litv2.logging import RunLogger, log
 
 from . import checkpoint as ckpt
 from .builders import apply_accel, apply_process_settings, build_model, build_optimizer, build_scheduler, \
-    check_config, lr_scale, process_settings
+    check_config, lr_scale, process_settings, tf32_enabled
 from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
                           init_distributed, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
@@ -472,13 +472,27 @@ def finish(run: Run) -> dict:
         }
         if run.ema is not None:
             summary.update({"final_ema_top1": final.get("ema_top1"), "final_ema_top5": final.get("ema_top5")})
+        summary["tf32"] = tf32_enabled(run.info.device)
         if cfg.profile.enabled:
-            report = profile_model(run.model, cfg, run.info.device)
+            report = profile_model(cfg, run.info.device, _release_all_but_the_weights(run))
             summary.update({k: report.get(k) for k in ("params", "gflops", "throughput", "train_mem_mb",
-                                                        "test_mem_mb", "profile_error") if k in report})
+                                                        "test_mem_mb", "precision", "profile_error") if k in report})
         run.logger.summary(summary)
         run.logger.info("done: final top-1 %.2f, best %.2f (epoch %d), %.0f s -> %s", summary["final_top1"] or 0.0,
                         summary["best_top1"], summary["best_epoch"], summary["wall_time_s"],
                         run.run_dir / "summary.json")
     barrier(run.info)
     return summary
+
+
+def _release_all_but_the_weights(run: Run) -> dict:
+    """The trained weights (on the host), with the model, its optimizer, EMA and DDP wrapper let go and the device's
+    cache emptied: the efficiency report then measures a fresh copy with nothing else resident."""
+    import gc
+
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    run.model = run.train_model = run.ema = run.optimizer = run.scheduler = run.scaler = None
+    gc.collect()
+    if run.info.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return weights
