@@ -126,9 +126,30 @@ def test_loader_workers_are_capped_at_the_usable_cpus(digits, monkeypatch, caplo
     cfg = compose(["data=digits", f"data.root={digits}", "data.num_workers=8"])
     with caplog.at_level("WARNING"):
         loader = builder.build_eval_loader(cfg.data, digits)
-    assert loader.num_workers == 2  # the imagenet preset's 8 on a 2-CPU machine
+    assert loader.loader.num_workers == 2  # the imagenet preset's 8 on a 2-CPU machine
     assert "data.num_workers=8 is more than the 2 CPUs" in caplog.text
     cfg.data.num_workers = 1
     caplog.clear()
-    assert builder.build_eval_loader(cfg.data, digits).num_workers == 1 and not caplog.text
+    assert builder.build_eval_loader(cfg.data, digits).loader.num_workers == 1 and not caplog.text
     assert builder.usable_cpus() >= 1
+
+
+def test_loaders_ship_uint8_images_and_normalise_them_on_the_device(digits):
+    """Workers decode and augment to (H, W, C) uint8; the loader hands the model normalised float batches whose
+    (B, C, H, W) view is channels-last in memory; random erasing runs on the batch (training)."""
+    from engine_utils import compose
+
+    from litv2.data import build_eval_loader, build_train_loader
+
+    cfg = compose(["data=digits", f"data.root={digits}", "data.num_workers=0", "data.batch_size=4", "aug=deit"])
+    loader = build_eval_loader(cfg.data, digits)
+    raw = loader.dataset[0][0]
+    assert raw.dtype == torch.uint8 and raw.shape == (32, 32, 3)
+    images, targets, skipped = next(iter(loader))
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32) and skipped == 0
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(images[0], (raw.permute(2, 0, 1).float() / 255 - 0.5) / 0.5)
+    train, _ = build_train_loader(cfg, digits)
+    assert train.random_erasing is not None and train.random_erasing.probability == cfg.aug.reprob
+    images, _, _ = next(iter(train))
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32)

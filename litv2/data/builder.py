@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import MaybePILToTensor
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from litv2.errors import UserError
 
+from .device import DeviceLoader, ToUint8HWC
 from .datasets import RobustImageFolder, SyntheticDataset, check_image_folder, collate_skip_corrupt, prepare_digits
 from .samplers import ResumableSampler, ShardSampler
 
@@ -37,17 +40,29 @@ def dataset_root(data_cfg, splits=("train", "val"), check: bool = True) -> Path 
 
 
 def build_transform(data_cfg, aug_cfg, is_training: bool):
+    """What a loader worker does to one image: timm's transform in its prefetcher mode (no ToTensor, Normalize or
+    random erasing; :class:`DeviceLoader` does those on the device), ending in a (H, W, C) uint8 tensor."""
     if not is_training:
-        return create_transform(
+        t = create_transform(
             data_cfg.img_size, is_training=False, interpolation=data_cfg.interpolation,
-            crop_pct=data_cfg.crop_pct, crop_mode=data_cfg.crop_mode,
-            mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
-    return create_transform(
-        data_cfg.img_size, is_training=True, scale=tuple(aug_cfg.scale), ratio=tuple(aug_cfg.ratio),
-        hflip=aug_cfg.hflip, auto_augment=aug_cfg.auto_augment,
-        color_jitter=aug_cfg.color_jitter or None, interpolation=aug_cfg.interpolation,
-        re_prob=aug_cfg.reprob, re_mode=aug_cfg.remode, re_count=aug_cfg.recount,
-        mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+            crop_pct=data_cfg.crop_pct, crop_mode=data_cfg.crop_mode, use_prefetcher=True)
+    else:
+        t = create_transform(
+            data_cfg.img_size, is_training=True, scale=tuple(aug_cfg.scale), ratio=tuple(aug_cfg.ratio),
+            hflip=aug_cfg.hflip, auto_augment=aug_cfg.auto_augment,
+            color_jitter=aug_cfg.color_jitter or None, interpolation=aug_cfg.interpolation,
+            mean=tuple(data_cfg.mean), use_prefetcher=True)  # mean: RandAugment's fill colour
+    if not isinstance(t.transforms[-1], MaybePILToTensor):
+        raise RuntimeError(f"timm's prefetcher transform no longer ends in MaybePILToTensor: {t}")
+    t.transforms[-1] = ToUint8HWC()  # its uint8 tensor without the transpose to (C, H, W)
+    return t
+
+
+def _device_loader(loader, data_cfg, device, aug_cfg=None) -> DeviceLoader:
+    erasing = None
+    if aug_cfg is not None and aug_cfg.reprob > 0:
+        erasing = RandomErasing(aug_cfg.reprob, mode=aug_cfg.remode, max_count=aug_cfg.recount, device=device)
+    return DeviceLoader(loader, device, data_cfg.mean, data_cfg.std, erasing)
 
 
 def _dataset(data_cfg, aug_cfg, root, split: str, is_training: bool):
@@ -100,19 +115,22 @@ def _loader(data_cfg, dataset, sampler, drop_last: bool):
         generator=torch.Generator())  # its own generator: iterating never consumes the global RNG
 
 
-def build_train_loader(cfg, root, rank: int = 0, world_size: int = 1):
-    """Training loader and its ResumableSampler (call ``sampler.set_epoch(epoch, start)`` per epoch)."""
+def build_train_loader(cfg, root, rank: int = 0, world_size: int = 1, device="cpu"):
+    """Training loader (normalised, randomly erased batches on ``device``) and its ResumableSampler (call
+    ``sampler.set_epoch(epoch, start)`` per epoch)."""
     ds = _dataset(cfg.data, cfg.aug, root, "train", is_training=True)
     if len(ds) < world_size * cfg.data.batch_size:
         raise UserError(f"the training set ({len(ds)} images) is smaller than one global batch "
                         f"({world_size} x data.batch_size={cfg.data.batch_size})")
     sampler = ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
-    return _loader(cfg.data, ds, sampler, drop_last=True), sampler
+    return _device_loader(_loader(cfg.data, ds, sampler, drop_last=True), cfg.data, device, cfg.aug), sampler
 
 
-def build_eval_loader(data_cfg, root, rank: int = 0, world_size: int = 1, split: str = "val"):
+def build_eval_loader(data_cfg, root, rank: int = 0, world_size: int = 1, split: str = "val", device="cpu"):
+    """Validation loader (this rank's shard, normalised batches on ``device``)."""
     ds = _dataset(data_cfg, None, root, split, is_training=False)
-    return _loader(data_cfg, ds, ShardSampler(len(ds), rank, world_size), drop_last=False)
+    return _device_loader(_loader(data_cfg, ds, ShardSampler(len(ds), rank, world_size), drop_last=False),
+                          data_cfg, device)
 
 
 def build_mixup_and_criterion(aug_cfg, num_classes: int):

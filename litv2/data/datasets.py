@@ -73,7 +73,8 @@ class RobustImageFolder(ImageFolder):
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """Random images of a fixed size (deterministic per index); no decoding, no disk."""
+    """Random uint8 (H, W, C) images of a fixed size (deterministic per index), as the image loaders give them;
+    no decoding, no disk."""
 
     def __init__(self, size: int, img_size: int, num_classes: int, in_chans: int = 3):
         self.size, self.img_size, self.num_classes, self.in_chans = size, img_size, num_classes, in_chans
@@ -84,7 +85,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, _ = _split_key(key)
         g = torch.Generator().manual_seed(index)
-        x = torch.randn(self.in_chans, self.img_size, self.img_size, generator=g)
+        x = torch.randint(0, 256, (self.img_size, self.img_size, self.in_chans), generator=g, dtype=torch.uint8)
         return x, index % self.num_classes
 
 

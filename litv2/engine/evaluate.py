@@ -40,8 +40,12 @@ def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | No
             continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         n = len(images)
-        if pad_to is not None and n < pad_to:
-            images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
+        if pad_to is not None and n < pad_to:  # in the batch's memory format: a compiled graph guards on strides
+            nhwc = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+            padded = images.new_zeros((pad_to, *images.shape[1:]))
+            padded = padded.contiguous(memory_format=torch.channels_last) if nhwc else padded
+            padded[:n] = images
+            images = padded
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -161,7 +165,7 @@ def _run_eval(cfg, state, root, info) -> dict:
     results = {}
     if not cfg.profile_only:
         eval_model = torch.compile(model, dynamic=False) if cfg.trainer.compile else model
-        loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
+        loader = build_eval_loader(cfg.data, root, info.rank, info.world_size, device=info.device)
         # compiled with static shapes: the last, smaller batch is padded to the others' size (no second compile)
         results.update(evaluate(eval_model, loader, info.device, cfg.trainer.precision, info,
                                 channels_last=cfg.trainer.channels_last,

@@ -112,8 +112,8 @@ def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
     t = cfg.trainer
     root = _shared_dataset_root(cfg, info)
     run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
-    train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size)
-    val_loader = build_eval_loader(cfg.data, root, info.rank, info.world_size)
+    train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size, info.device)
+    val_loader = build_eval_loader(cfg.data, root, info.rank, info.world_size, device=info.device)
     steps_per_epoch = len(train_loader) // t.accum_steps
     if steps_per_epoch < 1:
         raise UserError(f"one epoch has fewer batches ({len(train_loader)}) than trainer.accum_steps={t.accum_steps}")
@@ -348,8 +348,7 @@ def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
         skipped += n_skipped
         if images is None:
             continue
-        images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
-        if run.mixup_fn is not None:
+        if run.mixup_fn is not None:  # (the loader gave normalised batches on the device)
             if len(images) % 2:  # Mixup pairs images; a skipped corrupt file can make the batch odd
                 images, targets = images[:-1], targets[:-1]
             images, targets = run.mixup_fn(images, targets)
