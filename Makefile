@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make quickstart   set up .venv, train LITv2 on the embedded digits (CPU, a few minutes)
-#   make test         set up .venv, run the test suite
+#   make test         set up .venv, run the test suite, timm's own model tests on litv2 and the GPU check's CPU smoke run
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,8 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) tests/timm_suite/run.py -q
+	$(PY) scripts/gpu_check.py --smoke
 
 # timm 1.0.31's own tests/test_models.py on the litv2 models (fetches timm's sdist into .cache/)
 .PHONY: test-timm
