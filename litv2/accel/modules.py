@@ -63,11 +63,11 @@ class FastConvFFN(_PackedWeights, ConvFFN):
         x = self.fc1(x)
         if self._recomputes(x):
             return self._forward_recomputing(x)
-        xc = x.permute(0, 3, 1, 2)  # every path runs the conv and GELU on this (channels-last) view
-        y = onednn.dwconv_gelu(xc, self.dwconv.dwconv) if self._exact_gelu() else None
-        if y is None:
-            y = self.act(self.dwconv.dwconv(xc))
-        return self.drop(self.fc2(self.drop(y.permute(0, 2, 3, 1))))
+        x = x.permute(0, 3, 1, 2)  # every path runs the conv and GELU on this (channels-last) view
+        y = onednn.dwconv_gelu(x, self.dwconv.dwconv) if self._exact_gelu() else None
+        x = self.act(self.dwconv.dwconv(x)) if y is None else y  # (fc1's output is freed here)
+        del y
+        return self.drop(self.fc2(self.drop(x.permute(0, 2, 3, 1))))
 
     def _exact_gelu(self) -> bool:
         return type(self.act) is nn.GELU and self.act.approximate == "none"
@@ -150,7 +150,8 @@ class FastPatchEmbed(PatchEmbed):
     LayerNorm reads is contiguous; from NCHW, the LayerNorm first copies the permuted map element by element."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (the converted input is freed here)
+        return self.norm(x.permute(0, 2, 3, 1))
 
 
 _FAST = {nn.Linear: FastLinear, ConvFFN: FastConvFFN, DeformConv2d: FastDeformConv2d, Stage: FastStage,
