@@ -1,7 +1,8 @@
 """LITv2 and HiLo attention: models, acceleration layer, data, training engine and profiling.
 
-``import litv2`` registers ``litv2_s``, ``litv2_m``, ``litv2_b`` (and ``litv2_b_384``) with
-timm, so ``timm.create_model("litv2_s", num_classes=..., drop_path_rate=...)`` works;
+``import litv2`` registers ``litv2_s``, ``litv2_m``, ``litv2_b``, ``litv2_b_384`` and LITv2-S at seven HiLo
+alphas (``litv2_s_alpha0`` ... ``litv2_s_alpha1``) with timm, so ``timm.create_model("litv2_s", num_classes=...,
+drop_path_rate=...)`` works, and ``pretrained=True`` loads the authors' released weights (:mod:`litv2.hub`);
 ``litv2.accel.accelerate(model)`` runs such a model on faster kernels (see :mod:`litv2.accel`).
 """
 from .models import *  # noqa: F401,F403  (registers the models with timm)

@@ -6,3 +6,10 @@ train.py / eval.py print it as a single line and exit non-zero, before any work 
 
 class UserError(Exception):
     """A problem the user can fix; its message is the whole story (no traceback needed)."""
+
+
+class WeightsError(UserError, RuntimeError):
+    """Pretrained weights that cannot be had: a download that failed, or a downloaded file that does not load.
+
+    A RuntimeError as well, like timm's own "no pretrained weights" error, for code that catches those.
+    """

@@ -91,8 +91,12 @@ def apply_run_config(args) -> None:
     cfg = run_config(args)
     args.norm = None
     if cfg and args.model in (None, cfg["model"].get("name")) and args.model_kwargs is None:
+        from litv2.engine.builders import ACCEL_KEYS
+
         model_cfg = dict(cfg["model"])
         args.model = model_cfg.pop("name")
+        for key in ("pretrained", *ACCEL_KEYS):  # not constructor arguments (the checkpoint holds the weights)
+            model_cfg.pop(key, None)
         data = cfg.get("data") or {}
         if data.get("num_classes") is not None:  # as litv2.engine.builders.build_model does
             model_cfg.setdefault("num_classes", data["num_classes"])

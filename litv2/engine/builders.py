@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from timm.scheduler import CosineLRScheduler
 
 from litv2.errors import UserError
+from litv2.hub import is_url
 
 from litv2.accel._internals import keep_dynamo_recompile_limit
 
@@ -62,12 +63,24 @@ def check_hilo(hilo_cfg):
         raise UserError(f"hilo.window_size={ws} is invalid: the HiLo window size must be an integer >= 1")
 
 
+def check_alpha_variant(cfg):
+    """model.name=litv2_s_alpha0_5 (LITv2-S at one released alpha) needs hilo.alpha to match: model.alpha is
+    ${hilo.alpha} in conf/model/, and the variant refuses another alpha."""
+    from litv2.models import ALPHA_VARIANTS
+
+    name, alpha = cfg.model.name, cfg.model.get("alpha")
+    if name in ALPHA_VARIANTS and isinstance(alpha, numbers.Real) and not math.isclose(alpha, ALPHA_VARIANTS[name]):
+        raise UserError(f"model.name={name} is LITv2-S at HiLo alpha={ALPHA_VARIANTS[name]:g}, the config has "
+                        f"model.alpha={alpha:g}: add hilo.alpha={ALPHA_VARIANTS[name]:g}")
+
+
 def check_config(cfg, training: bool = True):
     """Validate everything that can be checked without building anything."""
     if "model" not in cfg or "name" not in cfg.model or OmegaConf.is_missing(cfg.model, "name"):
         raise UserError("model.name is not set (e.g. model=litv2_s, or model=timm model.name=resnet50)")
     check_hilo(cfg.hilo)
     check_model_name(cfg.model.name)
+    check_alpha_variant(cfg)
     if cfg.model.get("accel", "auto") not in ACCEL_MODES:
         raise UserError(f"model.accel={cfg.model.accel!r} is not one of {', '.join(ACCEL_MODES)}")
     if cfg.data.name not in DATASETS:
@@ -85,13 +98,14 @@ def check_config(cfg, training: bool = True):
         raise UserError(f"trainer.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
     if t.resume not in (None, "auto", "none") and not Path(str(t.resume)).is_file():
         raise UserError(f"trainer.resume={t.resume}: no such checkpoint file (use auto, none or a .pth path)")
-    if t.init_from is not None and not Path(str(t.init_from)).is_file():
-        raise UserError(f"trainer.init_from={t.init_from}: no such checkpoint file")
+    if t.init_from is not None and not is_url(str(t.init_from)) and not Path(str(t.init_from)).is_file():
+        raise UserError(f"trainer.init_from={t.init_from}: no such checkpoint file (a file or an http(s) URL)")
 
 
 def model_kwargs(model_cfg) -> dict:
+    """model.* as timm.create_model keywords: all but name, pretrained and the accel keys."""
     kw = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in ("name", *ACCEL_KEYS):
+    for key in ("name", "pretrained", *ACCEL_KEYS):
         kw.pop(key, None)
     return kw
 
@@ -108,13 +122,18 @@ def apply_accel(model: torch.nn.Module, cfg) -> torch.nn.Module:
     return model
 
 
-def build_model(cfg) -> torch.nn.Module:
-    """timm.create_model(model.name, num_classes=data.num_classes, **model.* but the accel keys); never
-    pretrained. The plain model: :func:`apply_accel` puts it on the accelerated kernels."""
+def build_model(cfg, pretrained: bool | None = None) -> torch.nn.Module:
+    """timm.create_model(model.name, pretrained=model.pretrained, num_classes=data.num_classes, **the other model.*
+    keys but the accel keys); ``pretrained`` overrides model.pretrained. Released weights come from the torch.hub
+    cache, where :func:`litv2.engine.weights.fetch_start_weights` put them before anything else ran. The plain
+    model: :func:`apply_accel` puts it on the accelerated kernels."""
     name = cfg.model.name
     _register_model_families(name)
+    if pretrained is None:
+        pretrained = bool(cfg.model.get("pretrained", False))
     try:
-        return timm.create_model(name, pretrained=False, num_classes=cfg.data.num_classes, **model_kwargs(cfg.model))
+        return timm.create_model(name, pretrained=pretrained, num_classes=cfg.data.num_classes,
+                                 **model_kwargs(cfg.model))
     except (TypeError, ValueError) as e:
         raise UserError(f"model={name}: {str(e).splitlines()[0]}") from None
 

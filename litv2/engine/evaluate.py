@@ -11,6 +11,7 @@ from litv2.errors import UserError
 
 from .checkpoint import FORMAT, load_file
 from .distributed import DistInfo, all_reduce_sum
+from .weights import eval_pretrained, fetch_start_weights
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,12 @@ def load_weights(model, path, use_ema: bool = False, strict: bool = True, state:
     from litv2.models import load_filtered_state_dict
 
     # unwraps {"model": ...}, strips module./_orig_mod., leaves a foreign-shaped classifier fresh
-    missing, unexpected, head_dropped = load_filtered_state_dict(model, sd)
+    try:
+        missing, unexpected, head_dropped = load_filtered_state_dict(model, sd)
+    except (ValueError, RuntimeError) as e:  # another HiLo alpha; other shapes (size mismatch for ...)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+        raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: {detail}") from None
     if strict and (missing or unexpected or head_dropped):
         raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: missing keys "
                         f"{(missing + head_dropped)[:3]}, unexpected keys {unexpected[:3]}")
@@ -108,7 +114,7 @@ def profile_model(cfg, device, state_dict: dict | None = None) -> dict:
     precision = p.get("precision") or "fp32"
     channels_last = bool(cfg.trainer.get("channels_last", False))
     try:
-        model = build_model(cfg)
+        model = build_model(cfg, pretrained=False)  # (the weights come from state_dict)
         if state_dict is not None:
             model.load_state_dict(state_dict)
         model.to(device)
@@ -125,18 +131,23 @@ def profile_model(cfg, device, state_dict: dict | None = None) -> dict:
 
 
 def run_eval(cfg) -> dict:
-    """The eval.py job: accuracy of a checkpoint on data.root/val plus the efficiency report."""
+    """The eval.py job: accuracy of a checkpoint (or the model's released weights) on data.root/val plus the
+    efficiency report."""
     from litv2.data import dataset_root
 
     from .builders import apply_process_settings, check_config, process_settings
     from .distributed import init_distributed
 
     check_config(cfg, training=False)
-    if not cfg.profile_only and cfg.checkpoint is None:
-        raise UserError("checkpoint=<path> is required (or profile_only=true for the efficiency table alone)")
-    state = None
+    pretrained = eval_pretrained(cfg) and not cfg.profile_only
+    if not cfg.profile_only and cfg.checkpoint is None and not pretrained:
+        raise UserError("checkpoint=<path or URL> or pretrained=true is required (or profile_only=true for the "
+                        "efficiency table alone)")
+    state, checkpoint = None, None
     if not cfg.profile_only:
-        state = load_file(cfg.checkpoint)
+        checkpoint = fetch_start_weights(cfg, "eval")  # downloads (released weights, a URL) before anything else
+    if checkpoint is not None:
+        state = load_file(checkpoint)
         if cfg.use_run_config and state.get("format") == FORMAT and state.get("config"):
             cfg = with_run_config(cfg, state["config"])
             log.info("model, hilo and data settings taken from the checkpoint's run config "
@@ -146,18 +157,18 @@ def run_eval(cfg) -> dict:
     info = init_distributed(cfg.trainer.device)
     with process_settings():
         apply_process_settings(cfg, info.device)  # as in training: cuDNN autotuning, TF32, malloc
-        return _run_eval(cfg, state, root, info)
+        return _run_eval(cfg, state, checkpoint, pretrained, root, info)
 
 
-def _run_eval(cfg, state, root, info) -> dict:
+def _run_eval(cfg, state, checkpoint, pretrained: bool, root, info) -> dict:
     from litv2.data import build_eval_loader
     from litv2.logging import format_table
 
     from .builders import apply_accel, build_model
 
-    model = build_model(cfg)
-    if not cfg.profile_only:
-        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, state=state)
+    model = build_model(cfg, pretrained=pretrained)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, use_ema=cfg.use_ema, state=state)
     model.to(info.device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)

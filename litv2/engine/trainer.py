@@ -37,6 +37,7 @@ from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, 
                           init_distributed, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
 from .signals import Preempted, StopOnSignal
+from .weights import fetch_start_weights
 
 
 class NonFiniteLoss(UserError):
@@ -108,8 +109,10 @@ def train(cfg, run_dir=None) -> dict:
 # ---- setup -------------------------------------------------------------------------------------------------
 
 def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
-    """Data, run dir, model, optimizer, schedule, EMA, AMP; then resume, wrap for training and open the logs."""
+    """Starting weights, data, run dir, model, optimizer, schedule, EMA, AMP; then resume, wrap for training and open
+    the logs."""
     t = cfg.trainer
+    init_from = _shared_start_weights(cfg, info)  # a failed download or misfit weights stop the run here
     root = _shared_dataset_root(cfg, info)
     run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
     train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size, info.device)
@@ -121,8 +124,8 @@ def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
     apply_process_settings(cfg, info.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg)
-    if t.init_from:
-        load_weights(model, t.init_from, strict=False)
+    if init_from is not None:
+        load_weights(model, init_from, strict=False)
     model.to(info.device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -141,6 +144,21 @@ def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
                     info.world_size, run.global_batch, cfg.optim.lr * lr_scale(cfg, info.world_size), steps_per_epoch)
     run.start_time = time.time() - run.progress.elapsed_s
     return run
+
+
+def _shared_start_weights(cfg, info: DistInfo):
+    """model.pretrained / trainer.init_from fetched (URLs into the torch.hub cache) and checked; rank 0 first, so
+    the other ranks of a node find the file in the cache, and a problem fails every rank with rank 0's line."""
+    problem, path = None, None
+    if info.is_main:
+        try:
+            path = fetch_start_weights(cfg, "train")
+        except UserError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise UserError(problem)
+    return path if info.is_main else fetch_start_weights(cfg, "train")
 
 
 def _shared_dataset_root(cfg, info: DistInfo):

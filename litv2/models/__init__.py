@@ -1,8 +1,12 @@
 from .hilo import HiLo, hilo_head_split
 from .litv2 import (
+    ALPHA_VARIANTS,
+    RELEASES,
     LITv2,
     ConvFFN,
+    HiLoSplitError,
     DeformableTokenMerging,
+    check_hilo_split,
     checkpoint_filter_fn,
     load_checkpoint,
     load_filtered_state_dict,
@@ -10,4 +14,11 @@ from .litv2 import (
     litv2_b_384,
     litv2_m,
     litv2_s,
+    litv2_s_alpha0,
+    litv2_s_alpha0_2,
+    litv2_s_alpha0_4,
+    litv2_s_alpha0_5,
+    litv2_s_alpha0_7,
+    litv2_s_alpha0_9,
+    litv2_s_alpha1,
 )

@@ -30,12 +30,15 @@ from torchvision.ops import deform_conv2d
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, \
+    resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
-from .hilo import HiLo
+from litv2 import hub
 
-__all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "load_checkpoint",
-           "load_filtered_state_dict"]
+from .hilo import HiLo, hilo_head_split
+
+__all__ = ["LITv2", "ConvFFN", "DeformableTokenMerging", "checkpoint_filter_fn", "check_hilo_split", "HiLoSplitError",
+           "load_checkpoint", "load_filtered_state_dict", "RELEASES", "ALPHA_VARIANTS"]
 
 torch.fx.wrap("deform_conv2d")  # a leaf for FX tracing (torchvision's op checks its input shapes in Python)
 
@@ -251,6 +254,7 @@ class LITv2(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.embed_dim = embed_dim
         self.depths, self.num_heads_per_stage, self.local_ws, self.alpha = depths, num_heads, local_ws, alphas
+        self.patch_size, self.mlp_ratio, self.qkv_bias = patch_size, mlp_ratio, qkv_bias
         self.attention = attention
         self.grad_checkpointing = False
 
@@ -424,7 +428,53 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
         if k.startswith("head.") and k in own and own[k].shape != v.shape:
             continue  # classifier for another number of classes: keep the model's fresh head
         out[k] = v
+    check_hilo_split(out, model)
     return out
+
+
+def check_hilo_split(state_dict: dict, model: nn.Module) -> None:
+    """Raise one :class:`HiLoSplitError` (a ValueError) when ``state_dict`` was trained with another HiLo alpha
+    than ``model`` was built with.
+
+    The split is read from the weight shapes: ``l_q`` has one output row per Lo-Fi channel, ``h_qkv`` three per
+    Hi-Fi channel (a branch without heads has no weights). The error names both splits and the shortest alpha
+    that builds the file's one, instead of a list of shape mismatches from ``load_state_dict``.
+    """
+    for name, m in model.named_modules():
+        if not isinstance(m, HiLo):
+            continue
+        l_q, h_qkv = state_dict.get(f"{name}.l_q.weight"), state_dict.get(f"{name}.h_qkv.weight")
+        if l_q is None and h_qkv is None:
+            continue  # not in the file: a missing-keys question for the load
+        l_dim = l_q.shape[0] if l_q is not None else 0
+        h_dim = h_qkv.shape[0] // 3 if h_qkv is not None else 0
+        if (l_dim, h_dim) == (m.l_dim, m.h_dim) or l_dim + h_dim != m.dim or l_dim % m.head_dim:
+            continue  # same split, or another width altogether (not a question of alpha)
+        l_heads = l_dim // m.head_dim
+        alpha = _alpha_for_split(m.num_heads, l_heads, m.ws)
+        raise HiLoSplitError(alpha, m.alpha, (
+            f"the weights were trained with HiLo alpha={alpha:g} ({l_heads} Lo-Fi / {m.num_heads - l_heads} Hi-Fi "
+            f"heads in {name}), the model was built with alpha={m.alpha:g} ({m.l_heads} / {m.h_heads}): "
+            f"build the model with alpha={alpha:g} to load them"))
+
+
+class HiLoSplitError(ValueError):
+    """Weights trained with another HiLo alpha than the model's: ``file_alpha`` (as the shortest alpha that gives the
+    file's head split) vs ``model_alpha``."""
+
+    def __init__(self, file_alpha: float, model_alpha: float, message: str):
+        super().__init__(message)
+        self.file_alpha, self.model_alpha = file_alpha, model_alpha
+
+
+def _alpha_for_split(num_heads: int, lofi_heads: int, window_size: int) -> float:
+    """The alpha with the fewest decimals that gives ``lofi_heads`` of ``num_heads`` (0.9 for 10 of 12)."""
+    for digits in range(4):
+        for i in range(10 ** digits + 1):
+            alpha = i / 10 ** digits
+            if hilo_head_split(num_heads, alpha, window_size)[0] == lofi_heads:
+                return alpha
+    return round(lofi_heads / num_heads, 4)
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True, map_location="cpu"):
@@ -463,21 +513,45 @@ def load_filtered_state_dict(model: nn.Module, state_dict: dict) -> tuple[list[s
 
 # ---- registry ----------------------------------------------------------------------------------
 
-def _cfg(**kwargs):
+# The authors' released weights (GitHub releases of ziplab/LITv2) and the ImageNet-1K top-1 (%) published with
+# them: v1.0 holds the paper's Table 1 models, v1.1 LITv2-S trained at seven HiLo alphas (paper Fig. 4).
+RELEASE_URL = "https://github.com/ziplab/LITv2/releases/download/"
+RELEASES = {  # timm "name.tag": (release/file, top-1 %)
+    "litv2_s.in1k": ("v1.0/litv2_s.pth", 82.0),
+    "litv2_m.in1k": ("v1.0/litv2_m.pth", 83.3),
+    "litv2_b.in1k": ("v1.0/litv2_b.pth", 83.6),
+    "litv2_b_384.in1k": ("v1.0/litv2_b_384.pth", 84.7),
+    # the 224x224 LITv2-B weights on the 384 model: where the paper's 384 fine-tuning starts (litv2_b_384_ft)
+    "litv2_b_384.in1k_224": ("v1.0/litv2_b.pth", 83.6),
+    "litv2_s_alpha0.in1k": ("v1.1/alpha_0.pth", 81.16),
+    "litv2_s_alpha0_2.in1k": ("v1.1/alpha_0.2.pth", 81.89),
+    "litv2_s_alpha0_4.in1k": ("v1.1/alpha_0.4.pth", 81.81),
+    "litv2_s_alpha0_5.in1k": ("v1.1/alpha_0.5.pth", 81.88),
+    "litv2_s_alpha0_7.in1k": ("v1.1/alpha_0.7.pth", 81.94),
+    "litv2_s_alpha0_9.in1k": ("v1.1/alpha_0.9.pth", 82.03),
+    "litv2_s_alpha1.in1k": ("v1.1/alpha_1.pth", 81.89),
+}
+# LITv2-S at one HiLo alpha per registered name (the v1.1 release): the name fixes the architecture's alpha.
+ALPHA_VARIANTS = {"litv2_s_alpha0": 0.0, "litv2_s_alpha0_2": 0.2, "litv2_s_alpha0_4": 0.4, "litv2_s_alpha0_5": 0.5,
+                  "litv2_s_alpha0_7": 0.7, "litv2_s_alpha0_9": 0.9, "litv2_s_alpha1": 1.0}
+
+
+def _cfg(name_tag: str, **kwargs):
+    file, top1 = RELEASES[name_tag]
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "url": RELEASE_URL + file, "hf_hub_id": "", "num_classes": 1000, "input_size": (3, 224, 224),
+        "pool_size": (7, 7), "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        "description": f"ImageNet-1K top-1 {top1} % (the authors' release {file})",
+        "origin_url": "https://github.com/ziplab/LITv2", "paper_name": "Fast Vision Transformers with HiLo Attention",
+        "paper_ids": "arXiv:2205.13213", **kwargs,
     }
 
 
+_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 default_cfgs = generate_default_cfgs({
-    "litv2_s.in1k": _cfg(),
-    "litv2_m.in1k": _cfg(),
-    "litv2_b.in1k": _cfg(),
-    "litv2_b_384.in1k": _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
-})
+    name_tag: _cfg(name_tag, **(_AT_384 if name_tag == "litv2_b_384.in1k" else {})) for name_tag in RELEASES})
 
 
 # Supplementary Table I; every variant uses HiLo alpha 0.9 with s = [-, -, 2, 1].
@@ -490,12 +564,39 @@ _ARCH = {
 
 
 def _create_litv2(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> LITv2:
-    """Build ``variant`` with its Table I ``defaults``; any keyword the caller passes wins."""
+    """Build ``variant`` with its Table I ``defaults``; any keyword the caller passes wins.
+
+    ``pretrained=True`` loads through timm's ``load_pretrained``; a weights URL is first fetched into torch.hub's
+    cache by :func:`litv2.hub.loading` (progress bar, one-line errors, a corrupt download removed again).
+    """
     kwargs = {**defaults, **kwargs}
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        LITv2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+
+    def build():
+        return build_model_with_cfg(
+            LITv2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+
+    if not pretrained:
+        return build()
+    url = hub.weights_url(resolve_pretrained_cfg(
+        variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict())
+    if url is None:  # a file, a local dir, the HF hub or a state dict: timm's loader as it is
+        return build()
+    hint = (f"download it yourself and pass the file: timm.create_model({variant!r}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='/path/{url.rsplit('/', 1)[-1]}'))")
+    with hub.loading(url, kwargs.get("cache_dir"), hint=hint):
+        return build()
+
+
+def _create_litv2_s_alpha(variant: str, pretrained: bool, kwargs: dict) -> LITv2:
+    """LITv2-S at the alpha ``variant`` names; another alpha is refused (the name and its weights would lie)."""
+    alpha = ALPHA_VARIANTS[variant]
+    given = kwargs.get("alpha", alpha)
+    if any(not math.isclose(float(a), alpha) for a in (given if isinstance(given, Sequence) else [given])):
+        raise ValueError(f"{variant} is LITv2-S at HiLo alpha={alpha:g} (its weights need it), got alpha={given}; "
+                         f"use litv2_s(alpha=...) for another alpha")
+    return _create_litv2(variant, pretrained, dict(_ARCH["s"], alpha=alpha), kwargs)
 
 
 @register_model
@@ -518,5 +619,49 @@ def litv2_b(pretrained: bool = False, **kwargs) -> LITv2:
 
 @register_model
 def litv2_b_384(pretrained: bool = False, **kwargs) -> LITv2:
-    """LITv2-B fine-tuned at 384x384 (same weights layout as LITv2-B)."""
+    """LITv2-B fine-tuned at 384x384 (same weights layout as LITv2-B); tag ``in1k_224``: the 224 weights."""
     return _create_litv2("litv2_b_384", pretrained, dict(_ARCH["b"], img_size=384), kwargs)
+
+
+# LITv2-S at the seven alphas of the v1.1 release (paper Fig. 4); stage 3 has 12 heads, floor(12 alpha) Lo-Fi.
+
+@register_model
+def litv2_s_alpha0(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 0: stage 3 all Hi-Fi (0 Lo-Fi / 12 Hi-Fi heads), 3.97 GFLOPs (v1.1 alpha_0.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha0", pretrained, kwargs)
+
+
+@register_model
+def litv2_s_alpha0_2(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 0.2: 2 Lo-Fi / 10 Hi-Fi heads in stage 3, 3.88 GFLOPs (v1.1 alpha_0.2.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha0_2", pretrained, kwargs)
+
+
+@register_model
+def litv2_s_alpha0_4(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 0.4: 4 Lo-Fi / 8 Hi-Fi heads in stage 3, 3.82 GFLOPs (v1.1 alpha_0.4.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha0_4", pretrained, kwargs)
+
+
+@register_model
+def litv2_s_alpha0_5(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 0.5: 6 Lo-Fi / 6 Hi-Fi heads in stage 3, 3.77 GFLOPs (v1.1 alpha_0.5.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha0_5", pretrained, kwargs)
+
+
+@register_model
+def litv2_s_alpha0_7(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 0.7: 8 Lo-Fi / 4 Hi-Fi heads in stage 3, 3.74 GFLOPs (v1.1 alpha_0.7.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha0_7", pretrained, kwargs)
+
+
+@register_model
+def litv2_s_alpha0_9(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 0.9 (LITv2-S's own): 10 Lo-Fi / 2 Hi-Fi heads, 3.73 GFLOPs (v1.1 alpha_0.9.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha0_9", pretrained, kwargs)
+
+
+@register_model
+def litv2_s_alpha1(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S at alpha 1: stage 3 all Lo-Fi (12 / 0 heads), 3.70 GFLOPs published, 3.75 counted (v1.1 alpha_1.pth)."""
+    return _create_litv2_s_alpha("litv2_s_alpha1", pretrained, kwargs)
