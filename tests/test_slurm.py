@@ -1,11 +1,64 @@
 """SLURM: which processes are ranks, their ports and devices (pure functions, no scheduler), then the same code
 under a live one-node SLURM cluster (``-m slurm``; tests/slurm_cluster.py starts it, skipped without slurm-wlm)."""
 import os
+from unittest import mock
 
 import pytest
 import torch
 
 from engine_utils import FAST, compose
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _exported(slurm_env: dict) -> dict:
+    """torchrun's variables the engine exports for a process with these SLURM variables."""
+    from litv2.engine.distributed import _slurm_env_to_torchrun_env
+
+    with mock.patch.dict(os.environ, slurm_env):  # restores the whole environment afterwards
+        for k in TORCHRUN_VARS:
+            if k not in slurm_env:
+                os.environ.pop(k, None)
+        _slurm_env_to_torchrun_env()
+        return {k: os.environ[k] for k in TORCHRUN_VARS if k in os.environ}
+
+
+def _step_task(job_id: int, procid: int = 0, **extra) -> dict:
+    return {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(procid),
+            "SLURM_LOCALID": str(procid), "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+            "SLURM_JOB_NODELIST": "node1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", **extra}
+
+
+def test_array_tasks_and_concurrent_jobs_get_their_own_port():
+    """The two tasks of a 2-point sweep (one array) used to share the array's job id, hence one port: on a
+    shared node their ranks met in one process group."""
+    point_0 = _exported(_step_task(101, SLURM_ARRAY_JOB_ID="100", SLURM_ARRAY_TASK_ID="0"))
+    point_1 = _exported(_step_task(102, SLURM_ARRAY_JOB_ID="100", SLURM_ARRAY_TASK_ID="1"))
+    assert point_0["MASTER_PORT"] != point_1["MASTER_PORT"]
+    ports = {_exported(_step_task(job))["MASTER_PORT"] for job in range(5000, 5100)}
+    assert len(ports) == 100 and all(1024 < int(p) < 65536 for p in ports)
+    assert _exported(_step_task(101, MASTER_PORT="29999"))["MASTER_PORT"] == "29999"  # the user's choice wins
+
+
+def test_only_the_tasks_of_an_srun_step_are_ranks():
+    rank_1 = _exported(_step_task(7, procid=1))
+    assert (rank_1["RANK"], rank_1["WORLD_SIZE"], rank_1["LOCAL_RANK"], rank_1["MASTER_ADDR"]) == ("1", "2", "1", "node1")
+    batch_script = {k: v for k, v in _step_task(7).items() if not k.startswith("SLURM_STEP_")}
+    assert _exported(batch_script) == {}  # sbatch --ntasks-per-node=2 without srun: one process
+    # a batch script submitted from an `srun --pty bash` session inherits that 1-task step's variables
+    assert _exported(_step_task(7, SLURM_STEP_NUM_TASKS="1")) == {}
+    assert _exported({**_step_task(7, procid=1), "RANK": "0", "WORLD_SIZE": "2"})["RANK"] == "0"  # torchrun's
+
+
+def test_the_cuda_device_follows_what_the_task_sees():
+    from litv2.engine.distributed import cuda_device_index
+
+    assert [cuda_device_index(r, 8) for r in range(8)] == list(range(8))  # each task sees the node's 8 GPUs
+    assert [cuda_device_index(r, 1) for r in range(8)] == [0] * 8  # --gpus-per-task=1 / --gpu-bind
+    assert [cuda_device_index(r, 2) for r in range(4)] == [0, 1, 0, 1]  # --gpus-per-task=2, one process each
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        cuda_device_index(0, 0)
+
 
 @pytest.fixture(scope="module")
 def small_tree(tmp_path_factory):

@@ -92,7 +92,7 @@ def train(cfg, run_dir=None) -> dict:
     glibc's malloc setting (``trainer.cpu_keep_freed_memory``, which keeps the peak for good) are not.
     """
     check_config(cfg)
-    info = init_distributed(cfg.trainer.device)
+    info = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     try:
         with process_settings(), StopOnSignal() as stop:
             run = setup(cfg, run_dir, info, stop)
