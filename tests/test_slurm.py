@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 import torch
 
-from engine_utils import FAST, compose
+from engine_utils import CONF, FAST, compose
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -58,6 +58,21 @@ def test_the_cuda_device_follows_what_the_task_sees():
     assert [cuda_device_index(r, 2) for r in range(4)] == [0, 1, 0, 1]  # --gpus-per-task=2, one process each
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         cuda_device_index(0, 0)
+
+
+@pytest.mark.parametrize("experiment", ["litv2_s_in1k", "litv2_b_in1k"])
+def test_the_slurm_preset_fits_one_rank_per_gpu_with_its_loader_workers(experiment):
+    """64 GB for 8 ranks x (main + 8 train + 8 persistent val workers) was OOM-killed; the sizing rule: a CPU for
+    each training loader worker and the main process, and >= 24 GB of host memory per rank."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm", f"experiment={experiment}"],
+                            return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.cpus_per_task >= cfg.data.num_workers + 1
+    assert launcher.mem_gb / launcher.tasks_per_node >= 24
 
 
 @pytest.fixture(scope="module")
