@@ -114,7 +114,8 @@ def test_slurm_tasks_become_torch_ranks():
     from litv2.engine.distributed import _slurm_env_to_torchrun_env
 
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}  # a task of an srun step
     with mock.patch.dict(os.environ, slurm):  # restores the whole environment afterwards
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(k, None)

@@ -1,10 +1,12 @@
 """Data: datasets (ImageFolder / digits / synthetic), timm transforms and Mixup, loaders."""
-from .builder import build_eval_loader, build_mixup_and_criterion, build_train_loader, build_transform, dataset_root
+from .builder import (DatasetIndex, build_eval_loader, build_mixup_and_criterion, build_train_loader, build_transform,
+                      dataset_index, dataset_root)
 from .datasets import (
     RobustImageFolder,
     SyntheticDataset,
     check_image_folder,
     collate_skip_corrupt,
+    list_image_folder,
     prepare_digits,
 )
 from .samplers import ResumableSampler, ShardSampler

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,30 +14,44 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from litv2.errors import UserError
 
+from .datasets import (RobustImageFolder, SyntheticDataset, check_image_folder, collate_skip_corrupt, list_image_folder,
+                       prepare_digits)
 from .device import DeviceLoader, ToUint8HWC
-from .datasets import RobustImageFolder, SyntheticDataset, check_image_folder, collate_skip_corrupt, prepare_digits
 from .samplers import ResumableSampler, ShardSampler
 
 log = logging.getLogger(__name__)
 
 
-def dataset_root(data_cfg, splits=("train", "val"), check: bool = True) -> Path | None:
-    """Where the ImageFolder tree is (building the digits on first use); None for synthetic data.
+@dataclass
+class DatasetIndex:
+    """An ImageFolder tree's root and its images (``{split: {class: [files]}}``, see list_image_folder)."""
+    root: Path
+    files: dict
 
-    Raises UserError, naming the path and the expected layout, if the tree is missing or malformed (``check``;
-    ranks other than 0 skip the check rank 0 already made).
+
+def dataset_index(data_cfg, splits=("train", "val")) -> DatasetIndex | None:
+    """The dataset's root and image files, listed once and checked (building the digits on first use); None for
+    synthetic data. The trainer builds it on rank 0 and sends it to the other ranks, so a 1.3M-image ImageNet
+    tree is listed once per job, not twice on every rank.
+
+    Raises UserError, naming the path and the expected layout, if the tree is missing or malformed.
     """
     if data_cfg.name == "synthetic":
         return None
     if data_cfg.root is None:
         raise UserError(f"data.root is not set for data={data_cfg.name}")
     root = Path(str(data_cfg.root)).expanduser()
-    if not check:
-        return root
     if data_cfg.name == "digits":
         prepare_digits(root)
-    check_image_folder(root, splits=splits, num_classes=data_cfg.num_classes)
-    return root
+    listing = list_image_folder(root, splits)
+    check_image_folder(root, splits=splits, num_classes=data_cfg.num_classes, listing=listing)
+    return DatasetIndex(root, listing)
+
+
+def dataset_root(data_cfg, splits=("train", "val")) -> Path | None:
+    """Where the ImageFolder tree is (checked as by :func:`dataset_index`); None for synthetic data."""
+    index = dataset_index(data_cfg, splits)
+    return None if index is None else index.root
 
 
 def build_transform(data_cfg, aug_cfg, is_training: bool):
@@ -66,10 +81,14 @@ def _device_loader(loader, data_cfg, device, aug_cfg=None) -> DeviceLoader:
 
 
 def _dataset(data_cfg, aug_cfg, root, split: str, is_training: bool):
+    """``root``: a DatasetIndex (its listing is used) or the tree's path (listed here)."""
     if data_cfg.name == "synthetic":
         size = data_cfg.train_size if split == "train" else data_cfg.val_size
         return SyntheticDataset(size, data_cfg.img_size, data_cfg.num_classes)
-    return RobustImageFolder(str(root / split), transform=build_transform(data_cfg, aug_cfg, is_training))
+    transform = build_transform(data_cfg, aug_cfg, is_training)
+    if isinstance(root, DatasetIndex):
+        return RobustImageFolder(str(root.root / split), transform=transform, files=root.files[split])
+    return RobustImageFolder(str(root / split), transform=transform)
 
 
 def _ignore_stop_signals(_worker_id: int):
@@ -105,12 +124,12 @@ def loader_workers(requested: int) -> int:
     return requested
 
 
-def _loader(data_cfg, dataset, sampler, drop_last: bool):
+def _loader(data_cfg, dataset, sampler, drop_last: bool, persistent: bool):
     workers = loader_workers(int(data_cfg.num_workers))
     return torch.utils.data.DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available(),
-        persistent_workers=bool(data_cfg.persistent_workers) and workers > 0,
+        persistent_workers=persistent and workers > 0,
         collate_fn=collate_skip_corrupt, worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         generator=torch.Generator())  # its own generator: iterating never consumes the global RNG
 
@@ -123,14 +142,16 @@ def build_train_loader(cfg, root, rank: int = 0, world_size: int = 1, device="cp
         raise UserError(f"the training set ({len(ds)} images) is smaller than one global batch "
                         f"({world_size} x data.batch_size={cfg.data.batch_size})")
     sampler = ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
-    return _device_loader(_loader(cfg.data, ds, sampler, drop_last=True), cfg.data, device, cfg.aug), sampler
+    loader = _loader(cfg.data, ds, sampler, drop_last=True, persistent=bool(cfg.data.persistent_workers))
+    return _device_loader(loader, cfg.data, device, cfg.aug), sampler
 
 
 def build_eval_loader(data_cfg, root, rank: int = 0, world_size: int = 1, split: str = "val", device="cpu"):
-    """Validation loader (this rank's shard, normalised batches on ``device``)."""
+    """Validation loader (this rank's shard, normalised batches on ``device``). Its workers are not persistent:
+    they would sit idle, holding memory, between the evaluations of a run."""
     ds = _dataset(data_cfg, None, root, split, is_training=False)
-    return _device_loader(_loader(data_cfg, ds, ShardSampler(len(ds), rank, world_size), drop_last=False),
-                          data_cfg, device)
+    loader = _loader(data_cfg, ds, ShardSampler(len(ds), rank, world_size), drop_last=False, persistent=False)
+    return _device_loader(loader, data_cfg, device)
 
 
 def build_mixup_and_criterion(aug_cfg, num_classes: int):

@@ -57,7 +57,25 @@ class RobustImageFolder(ImageFolder):
 
     A corrupt or truncated file yields ``(None, target)``; :func:`collate_skip_corrupt` drops it
     from the batch and counts it, and the engine reports the count in the metrics.
+
+    ``files`` (``{class: [image paths relative to its folder]}``, from :func:`list_image_folder`) gives
+    the images instead of listing ``root`` again: the same samples in the same order.
     """
+
+    def __init__(self, root, transform=None, files: dict[str, list[str]] | None = None, **kwargs):
+        self._files = files
+        super().__init__(root, transform=transform, **kwargs)
+
+    def find_classes(self, directory):
+        if self._files is None:
+            return super().find_classes(directory)
+        classes = sorted(self._files)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, *args, **kwargs):
+        if self._files is None:
+            return super().make_dataset(directory, class_to_idx, *args, **kwargs)
+        return [(os.path.join(directory, c, f), class_to_idx[c]) for c in sorted(class_to_idx) for f in self._files[c]]
 
     def __getitem__(self, key):
         index, seed = _split_key(key)
@@ -99,46 +117,61 @@ def collate_skip_corrupt(batch):
     return images, targets, skipped
 
 
-def check_image_folder(root, splits=("train", "val"), verify: bool = False, num_classes: int | None = None) -> dict:
-    """Check an ImageFolder tree; raise UserError (one line, naming the path) if it is unusable.
-
-    Returns ``{split: {"classes": n, "images": n, "unreadable": [paths]}}``. With ``verify`` every
-    image is decoded (slow on ImageNet: meant for data/check_dataset.py, not for every run).
-    """
+def list_image_folder(root, splits=("train", "val")) -> dict[str, dict[str, list[str]]]:
+    """``{split: {class: [image paths relative to the class folder]}}``: one listing of an ImageFolder tree,
+    in torchvision's ImageFolder order (classes sorted, each class folder walked in sorted order, sub-folders
+    included). Raises UserError if the root or a split folder is missing."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist; expected {LAYOUT}")
-    report, class_sets = {}, {}
+    listing = {}
     for split in splits:
         d = root / split
         if not d.is_dir():
             raise UserError(f"dataset root {root} has no {split}/ folder; expected {LAYOUT}")
-        classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
-        if not classes:
+        listing[split] = {}
+        for c in sorted(e.name for e in os.scandir(d) if e.is_dir()):
+            listing[split][c] = [os.path.relpath(os.path.join(top, f), d / c)
+                                 for top, _, names in sorted(os.walk(d / c, followlinks=True))
+                                 for f in sorted(names) if _is_image(f)]
+    return listing
+
+
+def check_image_folder(root, splits=("train", "val"), verify: bool = False, num_classes: int | None = None,
+                       listing: dict | None = None) -> dict:
+    """Check an ImageFolder tree; raise UserError (one line, naming the path) if it is unusable.
+
+    Returns ``{split: {"classes": n, "images": n, "unreadable": [paths]}}``. With ``verify`` every
+    image is decoded (slow on ImageNet: meant for data/check_dataset.py, not for every run).
+    ``listing`` (from :func:`list_image_folder`) spares listing the tree again.
+    """
+    root = Path(root)
+    listing = list_image_folder(root, splits) if listing is None else listing
+    report = {}
+    for split in splits:
+        d, files = root / split, listing[split]
+        if not files:
             raise UserError(f"{d} has no class folders; expected {LAYOUT}")
-        n_images, unreadable, empty = 0, [], []
-        for c in classes:
-            files = [f for f in sorted(os.listdir(d / c)) if _is_image(f)]
-            if not files:
-                empty.append(c)
-            n_images += len(files)
-            if verify:
-                for f in files:
+        empty = [c for c, names in files.items() if not names]
+        if empty:
+            raise UserError(f"{d}: class folder(s) without images: {', '.join(empty[:5])}; expected {LAYOUT}")
+        unreadable = []
+        if verify:
+            for c, names in files.items():
+                for f in names:
                     try:
                         with Image.open(d / c / f) as im:
                             im.load()
                     except CORRUPT_IMAGE_ERRORS:
                         unreadable.append(str(d / c / f))
-        if empty:
-            raise UserError(f"{d}: class folder(s) without images: {', '.join(empty[:5])}; expected {LAYOUT}")
-        class_sets[split] = classes
-        report[split] = {"classes": len(classes), "images": n_images, "unreadable": unreadable}
-    if len(splits) > 1 and len({tuple(v) for v in class_sets.values()}) > 1:
+        report[split] = {"classes": len(files), "images": sum(map(len, files.values())), "unreadable": unreadable}
+    if len(splits) > 1 and len({tuple(listing[s]) for s in splits}) > 1:
         raise UserError(f"dataset root {root}: the class folders differ between {', '.join(splits)}")
     if num_classes is not None:
-        for split, classes in class_sets.items():
-            if len(classes) != num_classes:
-                raise UserError(f"{root / split} has {len(classes)} class folders but data.num_classes={num_classes}")
+        for split in splits:
+            if len(listing[split]) != num_classes:
+                raise UserError(f"{root / split} has {len(listing[split])} class folders but "
+                                f"data.num_classes={num_classes}")
     return report
 
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 FORMAT = "litv2-train-v1"
 LAST, PREV, BEST = "last.pth", "last.prev.pth", "best.pth"
 # Keys that do not change what a run computes: a rerun that differs only here is the same run.
-_NOT_IDENTITY = ("trainer.resume", "logger", "profile", "data.num_workers", "data.pin_memory", "data.persistent_workers")
+_NOT_IDENTITY = ("trainer.resume", "trainer.dist_timeout_s", "logger", "profile", "data.num_workers", "data.pin_memory",
+                 "data.persistent_workers")
 
 
 class CheckpointError(UserError):

@@ -13,7 +13,12 @@ from .signals import Preempted
 
 
 def _launched_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    """torchrun's RANK, else the task's SLURM_PROCID inside an srun step (see distributed.in_srun_step), else 0."""
+    from .distributed import in_srun_step
+
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"] or 0)
+    return int(os.environ.get("SLURM_PROCID", "0") or 0) if in_srun_step() else 0
 
 
 def rank_zero_hydra_overrides(argv: list[str]) -> list[str]:

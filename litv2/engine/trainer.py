@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from timm.utils import ModelEmaV3
 
-from litv2.data import build_eval_loader, build_mixup_and_criterion, build_train_loader, dataset_root
+from litv2.data import build_eval_loader, build_mixup_and_criterion, build_train_loader, dataset_index
 from litv2.errors import UserError
 from litv2.logging import RunLogger, log
 
@@ -93,7 +93,7 @@ def train(cfg, run_dir=None) -> dict:
     glibc's malloc setting (``trainer.cpu_keep_freed_memory``, which keeps the peak for good) are not.
     """
     check_config(cfg)
-    info = init_distributed(cfg.trainer.device)
+    info = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     try:
         with process_settings(), StopOnSignal() as stop:
             run = setup(cfg, run_dir, info, stop)
@@ -162,18 +162,18 @@ def _shared_start_weights(cfg, info: DistInfo):
 
 
 def _shared_dataset_root(cfg, info: DistInfo):
-    """The dataset root on every rank; rank 0 checks it (and builds the digits tree) first, so a bad root fails
-    on every rank with rank 0's one-line message."""
-    problem, root = None, None
+    """The dataset (root and image list, see data.dataset_index) on every rank; rank 0 lists and checks it (and
+    builds the digits tree) once and sends it, so a bad root fails on every rank with rank 0's one-line message."""
+    problem, index = None, None
     if info.is_main:
         try:
-            root = dataset_root(cfg.data)
+            index = dataset_index(cfg.data)
         except UserError as e:
             problem = str(e)
-    problem = broadcast_object(problem, info)  # also the barrier: the tree exists once this returns
+    problem, index = broadcast_object((problem, index), info)
     if problem:
         raise UserError(problem)
-    return root if info.is_main else dataset_root(cfg.data, check=False)
+    return index
 
 
 def decide_run_dir(cfg, run_dir, info: DistInfo):
