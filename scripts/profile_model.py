@@ -164,8 +164,8 @@ def _main(argv=None) -> dict:
             sync()
             result["profiled_ms"] = (time.perf_counter() - start) * 1000
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    # the profiler can slow a pass down (on the 2-core CPU, a LITv2-S train step by 1.5-1.9x, most of it in
-    # GELU): shares in the table are of the profiled pass, so say how far it is from the timed one
+    # the profiler can slow a pass down (docs/performance.md): shares in the table are of the profiled pass, so
+    # say how far it is from the timed one
     print(f"\nprofiled pass {result['profiled_ms']:.1f} ms = {result['profiled_ms'] / total:.2f}x the timed median "
           f"({total:.1f} ms); the operator table below is of the profiled pass")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.row_limit))
