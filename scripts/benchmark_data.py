@@ -12,8 +12,14 @@ rand-m9-mstd0.5-inc1, colour jitter 0.4, random erasing 0.25), then measures
 and prints how many workers are needed to feed a given training throughput
 (``--target`` img/s; e.g. the GPU train throughput from ``scripts/benchmark_models.py --train``).
 
+``--dali cpu|gpu`` also times NVIDIA DALI (``pip install nvidia-dali-cuda120``) on the same files: its
+reader, fused decode + random crop (``gpu``: nvJPEG), bicubic resize, flip and DALI's own RandAugment
+(n=2, the recipe's magnitude) with ``--dali-threads`` CPU threads. DALI's RandAugment has no magnitude
+noise (mstd), Invert or SolarizeAdd, so it is the nearest DALI pipeline, not the paper's recipe.
+
     python scripts/benchmark_data.py                       # 1 and 2 workers on this machine
     python scripts/benchmark_data.py --workers 1,2,4,8 --target 1000 --images 512
+    python scripts/benchmark_data.py --dali gpu --dali-threads 1,8
 """
 from __future__ import annotations
 
@@ -84,6 +90,37 @@ def loader_rate(dataset, workers: int, batch_size: int, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def dali_rate(root: Path, aug_cfg, img_size: int, device: str, threads: int, batch_size: int,
+              batches: int) -> float:
+    """Images/s of DALI's nearest equivalent of the training transform (uint8 HWC batches, as our loaders give)."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+
+    magnitude = next((int(p[1:]) for p in str(aug_cfg.auto_augment or "").split("-") if p[:1] == "m"), None)
+
+    @pipeline_def(enable_conditionals=True)
+    def pipeline():
+        jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True)
+        images = fn.decoders.image_random_crop(
+            jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+            random_area=list(aug_cfg.scale), random_aspect_ratio=list(aug_cfg.ratio))
+        images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,
+                           antialias=True)
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=aug_cfg.hflip))
+        if magnitude is not None:
+            images = rand_augment.rand_augment(images, n=2, m=magnitude)
+        return images, labels
+
+    pipe = pipeline(batch_size=batch_size, num_threads=threads, device_id=0 if device == "gpu" else None, seed=0)
+    pipe.build()
+    pipe.run()  # start-up and the first batch are not part of the steady-state rate
+    start = time.perf_counter()
+    for _ in range(batches):
+        images, _ = pipe.run()
+        images.as_tensor()  # the batch in one contiguous piece, as a DataLoader's collate makes it
+    return batches * batch_size / (time.perf_counter() - start)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256, help="JPEGs to generate")
@@ -97,7 +134,14 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
     p.add_argument("--target", type=float, default=None, help="training img/s to feed (e.g. GPU train throughput)")
     p.add_argument("--root", default=None, help="existing ImageFolder with a train/ split instead of generated JPEGs")
+    p.add_argument("--dali", choices=("cpu", "gpu"), default=None, help="also time NVIDIA DALI's pipeline")
+    p.add_argument("--dali-threads", default="1,2", help="DALI CPU thread counts to measure")
     args = p.parse_args(argv)
+    if args.dali:
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            p.error("--dali needs NVIDIA DALI: pip install nvidia-dali-cuda120")
 
     from litv2.data.datasets import RobustImageFolder
 
@@ -114,6 +158,8 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads)  # main() is also called in-process (tests, notebooks)
         loader_rates = {w: loader_rate(dataset, w, args.batch_size, args.batches)
                         for w in (int(v) for v in args.workers.split(",") if v.strip())}
+        dali_rates = {t: dali_rate(root, cfg.aug, cfg.data.img_size, args.dali, t, args.batch_size, args.batches)
+                      for t in (int(v) for v in args.dali_threads.split(",") if v.strip())} if args.dali else {}
 
     print(f"training transform: data={args.data} aug={args.aug} img_size={cfg.data.img_size} "
           f"auto_augment={cfg.aug.auto_augment} reprob={cfg.aug.reprob} ({os.cpu_count()} CPUs here)")
@@ -121,7 +167,9 @@ def main(argv=None) -> dict:
     print(f"| 1 worker, decode + augment ({args.jpeg_size} JPEG) | {rate1:.1f} |")
     for w, r in loader_rates.items():
         print(f"| DataLoader, {w} worker(s), batch {args.batch_size} | {r:.1f} |")
-    result = {"per_worker": rate1, "loader": loader_rates}
+    for t, r in dali_rates.items():
+        print(f"| DALI ({args.dali}), {t} thread(s), batch {args.batch_size} | {r:.1f} |")
+    result = {"per_worker": rate1, "loader": loader_rates, "dali": dali_rates}
     if args.target:
         need = math.ceil(args.target / rate1)
         result["workers_needed"] = need

@@ -21,6 +21,7 @@ delivering >= 1.2x the training throughput. Figures are what ran here; nothing i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -125,9 +126,12 @@ def part_train(a, work: Path, precision: str) -> dict:
 def part_data(a, work: Path, target: float | None) -> dict:
     sizes = (["--images", "16", "--jpeg-size", "96x72", "--seconds", "1", "--workers", "1", "--batches", "2",
               "--batch-size", "8"] if a.smoke else ["--seconds", "10", "--workers", "1,2,4"])
-    result = run(script("benchmark_data.py", *sizes, *(["--target", f"{target:.0f}"] if target else [])),
+    has_dali = importlib.util.find_spec("nvidia.dali") is not None
+    dali = ["--dali", "gpu", "--dali-threads", "1,4"] if has_dali and not a.smoke else []
+    result = run(script("benchmark_data.py", *sizes, *dali, *(["--target", f"{target:.0f}"] if target else [])),
                  a.part_timeout)
     result["ok"] = result["rc"] == 0
+    result["table"] = "\n".join(line for line in result["tail"].splitlines() if line.startswith("|"))
     for line in result["tail"].splitlines():
         if line.startswith("| 1 worker"):
             result["per_worker"] = float(line.strip().strip("|").split("|")[-1])
@@ -182,7 +186,7 @@ def report(a, results: dict, machine: str, workers: int) -> str:
             lines.append(f"| {name}: loss finite and falling | {fmt(r['losses'][0] if r['losses'] else None, '.3f')} "
                          f"→ {fmt(r['losses'][-1] if r['losses'] else None, '.3f')} | "
                          f"{verdict(r['ok'], r['ok'])} |")
-    for name in ("models", "recompute", "dtm"):
+    for name in ("models", "recompute", "dtm", "data"):
         r = results.get(name, {})
         if "table" in r:
             lines += ["", f"## {name}", "", r["table"].strip()]

@@ -1,7 +1,9 @@
 """The paper's augmentation recipe runs end to end, and the input-pipeline benchmark works."""
+import importlib.util
 import runpy
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from timm.data.auto_augment import AugmentOp, rand_augment_transform
@@ -31,3 +33,11 @@ def test_benchmark_data_smoke():
     assert result["per_worker"] > 0 and result["loader"][0] > 0
     assert result["workers_needed"] >= 1
     assert torch.get_num_threads() == threads  # the single-threaded worker measurement is undone
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="NVIDIA DALI is not installed")
+def test_benchmark_data_times_dali_on_cpu():
+    bench = runpy.run_path(str(REPO / "scripts" / "benchmark_data.py"))
+    result = bench["main"](["--images", "8", "--jpeg-size", "96x72", "--seconds", "0.2", "--workers", "0",
+                            "--batches", "2", "--batch-size", "4", "--dali", "cpu", "--dali-threads", "1"])
+    assert result["dali"][1] > 0
