@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -13,6 +15,18 @@ from litv2.accel import keep_freed_memory  # noqa: F401  (--malloc keep; re-expo
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
                 "not enough memory", "failed to allocate")
+
+
+def json_kwargs(spec: str | None, option: str) -> dict:
+    """Constructor kwargs from ``option``'s value: a JSON object or a JSON file (its ``constructor_kwargs``, as
+    export_hub.py writes them, if present)."""
+    if not spec:
+        return {}
+    path = Path(spec)
+    data = json.loads(path.read_text()) if path.is_file() else json.loads(spec)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{option} must be a JSON object, got {type(data).__name__}")
+    return dict(data.get("constructor_kwargs", data))
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import machine_description  # noqa: E402
+from _bench_common import json_kwargs, machine_description  # noqa: E402
 
 CITATION = """@inproceedings{pan2022hilo,
   title     = {Fast Vision Transformers with HiLo Attention},
@@ -62,16 +62,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _load_json_arg(spec: str | None) -> dict:
-    if not spec:
-        return {}
-    path = Path(spec)
-    data = json.loads(path.read_text()) if path.is_file() else json.loads(spec)
-    if not isinstance(data, dict):
-        raise SystemExit(f"--model-args must be a JSON object, got {type(data).__name__}")
-    return dict(data.get("constructor_kwargs", data))
-
-
 def load_source(args):
     """(model name, create_model kwargs, the loaded state, its local path, run config or None)."""
     from litv2 import hub
@@ -88,12 +78,12 @@ def load_source(args):
         from litv2.engine.builders import model_kwargs
 
         run = OmegaConf.create(state["config"])
-        kwargs = {**model_kwargs(run.model), "num_classes": int(run.data.num_classes), **_load_json_arg(args.model_args)}
+        kwargs = {**model_kwargs(run.model), "num_classes": int(run.data.num_classes), **json_kwargs(args.model_args, "--model-args")}
         return args.model or run.model.name, kwargs, state, path, run
     if not args.model:
         raise SystemExit(f"{args.source} is not one of our training checkpoints: name its architecture with --model "
                          f"(e.g. --model litv2_s)")
-    return args.model, _load_json_arg(args.model_args), state, path, None
+    return args.model, json_kwargs(args.model_args, "--model-args"), state, path, None
 
 
 def architecture_args(model, kwargs: dict) -> dict:

@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import json_kwargs  # noqa: E402
+
 BRANCHES = (("Hi-Fi", "h_proj"), ("Lo-Fi", "l_proj"))
 
 
@@ -62,16 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.low_band < 0.5 * math.sqrt(2):
         p.error("--low-band must be in (0, 0.707)")
     return args
-
-
-def load_model_kwargs(spec: str | None) -> dict:
-    if not spec:
-        return {}
-    path = Path(spec)
-    data = json.loads(path.read_text()) if path.is_file() else json.loads(spec)
-    if not isinstance(data, dict):
-        raise SystemExit(f"--model-kwargs must be a JSON object, got {type(data).__name__}")
-    return dict(data.get("constructor_kwargs", data))
 
 
 def run_config(args) -> dict:
@@ -113,7 +106,7 @@ def build_model(args) -> nn.Module:
     import litv2  # noqa: F401  (registers the LITv2 models with timm)
     from litv2.models import load_checkpoint
 
-    model = timm.create_model(args.model, pretrained=False, **load_model_kwargs(args.model_kwargs))
+    model = timm.create_model(args.model, pretrained=False, **json_kwargs(args.model_kwargs, "--model-kwargs"))
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint, strict=True)
     return model.eval()
@@ -143,7 +136,7 @@ def image_batches(args, model: nn.Module):
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
-    size = args.img_size or load_model_kwargs(args.model_kwargs).get("img_size") or cfg["input_size"][-1]
+    size = args.img_size or json_kwargs(args.model_kwargs, "--model-kwargs").get("img_size") or cfg["input_size"][-1]
     if not isinstance(size, int):
         size = int(size[-1])
     n, bs = args.num_images, args.batch_size
