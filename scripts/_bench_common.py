@@ -187,13 +187,20 @@ def restored_process_settings():
     """Around a script's work: puts back what the run sets for its own process (thread count, cuDNN autotuning,
     the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
     as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays, as does the global
-    RNG state the scripts seed."""
+    RNG state the scripts seed.
+
+    Inside it the objects that exist on entry (the imported modules: torch, timm, Dynamo, ...) are frozen out of
+    the garbage collector, so the ``gc.collect()`` before each memory measurement scans only what the benchmark
+    made since; they are unfrozen on exit."""
     from litv2.accel import cpu_fast_paths
 
     threads, benchmark, fast = torch.get_num_threads(), torch.backends.cudnn.benchmark, cpu_fast_paths()
+    gc.collect()  # the caller's garbage goes first: frozen, it would never be collected
+    gc.freeze()
     try:
         yield
     finally:
+        gc.unfreeze()
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = benchmark
         cpu_fast_paths(fast)

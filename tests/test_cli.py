@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, assert_same_tensors, load_state, metrics_rows, run_script,
-                          train_in_process)
+from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, assert_same_tensors, compose, load_state, metrics_rows,
+                          run_script, train_in_process)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_a05_ws2.pth"
 
@@ -25,23 +25,45 @@ def _assert_one_line_error(proc, expected: str):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
 
 
+def test_train_bad_input_fails_in_one_line_and_leaves_no_run_dir(tmp_path):
+    proc = run_script("train.py", ["data=imagenet", "data.root=/nonexistent/imagenet", f"paths.runs_root={tmp_path}",
+                                   "logger=none"], timeout=120)
+    _assert_one_line_error(proc, "/nonexistent/imagenet does not exist; expected <root>/train")
+    assert not list(tmp_path.rglob("*")), "a failed start must leave no run dir behind"
+
+
 @pytest.mark.parametrize("args,expected", [
-    (["data=imagenet", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet does not exist; expected <root>/train"),
     (["model=timm", "model.name=no_such_net"], "unknown model 'no_such_net'"),
     (["hilo.alpha=1.5"], "hilo.alpha=1.5"),
     (["hilo.window_size=0"], "hilo.window_size=0"),
 ])
-def test_train_bad_inputs_fail_in_one_line(args, expected, tmp_path):
-    proc = run_script("train.py", [*args, f"paths.runs_root={tmp_path}", "logger=none"], timeout=120)
-    _assert_one_line_error(proc, expected)
+def test_train_bad_model_inputs_fail_in_one_line(args, expected, tmp_path, capsys):
+    """As train.py runs it (in-process: the subprocess path is the test above): exit status 2, one line on
+    stderr, and the run dir Hydra made is gone."""
+    from litv2.engine import main_guard, train
+
+    run_dir = tmp_path / "quickstart" / "2026-01-01_00-00-00"
+    run_dir.mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(train, compose([*args, "experiment=quickstart", *FAST]), run_dir=run_dir, fresh_dir=run_dir)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert not list(tmp_path.rglob("*")), "a failed start must leave no run dir behind"
 
 
-def test_eval_unreadable_checkpoint_fails_in_one_line(tmp_path):
+def test_eval_unreadable_checkpoint_fails_in_one_line(tmp_path, capsys):
+    """As eval.py runs it (in-process: the subprocess path of a one-line error is tested for train.py above)."""
+    from litv2.engine import main_guard, run_eval
+
     good = FIXTURE.read_bytes()
     (tmp_path / "truncated.pth").write_bytes(good[: len(good) // 3])
-    proc = run_script("eval.py", ["model=litv2_s", f"checkpoint={tmp_path / 'truncated.pth'}", "data=synthetic"])
-    _assert_one_line_error(proc, "is unreadable or truncated")
+    cfg = compose(["model=litv2_s", f"checkpoint={tmp_path / 'truncated.pth'}", "data=synthetic"], config="eval")
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(run_eval, cfg)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is unreadable or truncated" in lines[0], lines
 
 
 def _tiny_imagefolder(root: Path, n_per_class: int = 2, classes: int = 10, size: int = 64):
@@ -94,11 +116,12 @@ def test_eval_release_checkpoint_reports_independently_computed_accuracy(tmp_pat
     assert result["top5"] == pytest.approx(100.0 * top5 / len(files), abs=1e-9)
 
 
-def test_eval_profile_only_prints_the_efficiency_table():
-    proc = run_script("eval.py", ["model=litv2_s", "profile_only=true", "profile.img_size=64", "profile.batch_size=2",
-                                  "profile.runs=1", "profile.warmup=0", "profile.memory=false"])
-    assert proc.returncode == 0, proc.stderr
-    table = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.strip())
+def test_eval_profile_only_prints_the_efficiency_table(capsys):
+    from litv2.engine import run_eval
+
+    run_eval(compose(["model=litv2_s", "profile_only=true", "profile.img_size=64", "profile.batch_size=2",
+                      "profile.runs=1", "profile.warmup=0", "profile.memory=false"], config="eval"))
+    table = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.strip())
     assert int(table["params"].replace(",", "")) > 20_000_000  # LITv2-S: 28M
     assert float(table["gflops"]) > 0 and float(table["throughput"]) > 0
     assert "top1" not in table
@@ -115,7 +138,7 @@ def test_local_sweep_makes_one_run_dir_per_point(digits, tmp_path):
     assert all(json.loads(s.read_text())["steps"] == 2 for s in summaries)
 
 
-KILL = ["experiment=quickstart", "data.batch_size=16", "trainer.max_steps=30", "trainer.ckpt_every_steps=4",
+KILL = ["experiment=quickstart", "data.batch_size=16", "trainer.max_steps=20", "trainer.ckpt_every_steps=4",
         "trainer.log_every=1", "trainer.deterministic=true", "aug=deit", "trainer.ema.enabled=true", *FAST]
 
 
@@ -138,18 +161,18 @@ def test_sigkill_mid_epoch_then_same_command_continues_exactly(digits, tmp_path)
     finally:
         proc.wait()
     killed_at = load_state(run_dirs[0].parent / "last.pth")["progress"]["global_step"]
-    assert 4 <= killed_at < 30
+    assert 4 <= killed_at < 20
     time.sleep(1.1)  # a new second: Hydra makes a fresh dir, resume=auto must find the old one
     rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     dirs = [d for d in (tmp_path / "runs" / "quickstart").iterdir()]
     assert len(dirs) == 1, "the rerun must continue the killed run's directory"
     resumed = load_state(dirs[0] / "last.pth")
-    assert resumed["progress"]["global_step"] == 30
+    assert resumed["progress"]["global_step"] == 20
 
     train_in_process(args[:-1] + [f"paths.runs_root={tmp_path / 'ref'}"], tmp_path / "ref" / "run")
     straight = load_state(tmp_path / "ref" / "run" / "last.pth")
     assert_same_tensors(straight["model"], resumed["model"])
     assert_same_tensors(straight["ema"], resumed["ema"])
     steps = [r["step"] for r in metrics_rows(dirs[0], "train/loss")]
-    assert steps == list(range(1, 31)), "metrics rows after the checkpoint must not be duplicated"
+    assert steps == list(range(1, 21)), "metrics rows after the checkpoint must not be duplicated"

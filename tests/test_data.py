@@ -1,8 +1,8 @@
 """Data: the embedded digits tree, resumable/sharded samplers, the dataset tools in data/."""
+import runpy
 import subprocess
 import sys
 
-import pytest
 import torch
 from PIL import Image
 
@@ -62,12 +62,12 @@ def test_seeded_augmentation_does_not_depend_on_global_rng(digits):
     assert not torch.equal(a, ds[(5, 4321)][0])
 
 
-def test_check_dataset_tool(digits, tmp_path):
-    tool = [sys.executable, str(ROOT / "data" / "check_dataset.py")]
-    ok = subprocess.run(tool + [str(digits), "--num-classes", "10"], capture_output=True, text=True, env=ENV)
-    assert ok.returncode == 0 and "train: 10 classes, 1437 images" in ok.stdout
-    bad = subprocess.run(tool + [str(tmp_path / "nowhere")], capture_output=True, text=True, env=ENV)
-    assert bad.returncode == 1 and "does not exist; expected <root>/train" in bad.stderr
+def test_check_dataset_tool(digits, tmp_path, capsys):
+    main = runpy.run_path(str(ROOT / "data" / "check_dataset.py"), run_name="_test_check_dataset")["main"]
+    assert main([str(digits), "--num-classes", "10"]) == 0
+    assert "train: 10 classes, 1437 images" in capsys.readouterr().out
+    assert main([str(tmp_path / "nowhere")]) == 1
+    assert "does not exist; expected <root>/train" in capsys.readouterr().err
 
 
 def test_prepare_imagenet_val_sorts_a_flat_folder(tmp_path):

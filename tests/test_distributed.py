@@ -2,7 +2,6 @@
 an odd-sized val set, and SIGTERM + rerun = an uninterrupted 2-rank run."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
