@@ -41,6 +41,21 @@ def run_script(script: str, args, timeout: int = 180, cwd=ROOT) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
+def user_error_line(capsys, fn, *args, **kwargs) -> str:
+    """Run ``fn`` as train.py / eval.py do (under ``main_guard``): it must exit with status 2 and print one line on
+    stderr, which is returned."""
+    import pytest
+
+    from litv2.engine import main_guard
+
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(fn, *args, **kwargs)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, assert_same_tensors, compose, load_state, metrics_rows,
-                          run_script, train_in_process)
+                          run_script, train_in_process, user_error_line)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_a05_ws2.pth"
 
@@ -40,30 +40,24 @@ def test_train_bad_input_fails_in_one_line_and_leaves_no_run_dir(tmp_path):
 def test_train_bad_model_inputs_fail_in_one_line(args, expected, tmp_path, capsys):
     """As train.py runs it (in-process: the subprocess path is the test above): exit status 2, one line on
     stderr, and the run dir Hydra made is gone."""
-    from litv2.engine import main_guard, train
+    from litv2.engine import train
 
     run_dir = tmp_path / "quickstart" / "2026-01-01_00-00-00"
     run_dir.mkdir(parents=True)
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(train, compose([*args, "experiment=quickstart", *FAST]), run_dir=run_dir, fresh_dir=run_dir)
-    assert exit_.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    line = user_error_line(capsys, train, compose([*args, "experiment=quickstart", *FAST]), run_dir=run_dir,
+                           fresh_dir=run_dir)
+    assert expected in line
     assert not list(tmp_path.rglob("*")), "a failed start must leave no run dir behind"
 
 
 def test_eval_unreadable_checkpoint_fails_in_one_line(tmp_path, capsys):
     """As eval.py runs it (in-process: the subprocess path of a one-line error is tested for train.py above)."""
-    from litv2.engine import main_guard, run_eval
+    from litv2.engine import run_eval
 
     good = FIXTURE.read_bytes()
     (tmp_path / "truncated.pth").write_bytes(good[: len(good) // 3])
     cfg = compose(["model=litv2_s", f"checkpoint={tmp_path / 'truncated.pth'}", "data=synthetic"], config="eval")
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(run_eval, cfg)
-    assert exit_.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "is unreadable or truncated" in lines[0], lines
+    assert "is unreadable or truncated" in user_error_line(capsys, run_eval, cfg)
 
 
 def _tiny_imagefolder(root: Path, n_per_class: int = 2, classes: int = 10, size: int = 64):

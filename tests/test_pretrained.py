@@ -14,7 +14,8 @@ from litv2.errors import UserError, WeightsError
 from litv2.models import HiLoSplitError, load_checkpoint
 from litv2.profiling import count_flops
 
-from engine_utils import FAST, FIXTURES, ROOT, TINY_LITV2, compose, load_state, make_digits_subset, train_in_process
+from engine_utils import (FAST, FIXTURES, ROOT, TINY_LITV2, compose, load_state, make_digits_subset, train_in_process,
+                          user_error_line)
 
 V10, V11 = "https://github.com/ziplab/LITv2/releases/download/v1.0/", \
     "https://github.com/ziplab/LITv2/releases/download/v1.1/"
@@ -242,19 +243,16 @@ def test_eval_pretrained_true_evaluates_the_released_weights(release, release_ti
 
 def test_a_failed_download_stops_train_py_before_data_or_a_run_dir(tmp_path, capsys):
     """As train.py runs it (in-process; test_cli.py runs the one-line error path as a subprocess)."""
-    from litv2.engine import main_guard, train
+    from litv2.engine import train
 
     url = _closed_port_url("litv2_s.pth")
     run_dir = tmp_path / "runs" / "litv2_s" / "2026-01-01_00-00-00"  # as Hydra makes it
     run_dir.mkdir(parents=True)
     cfg = compose(["model.pretrained=true", f"++model.pretrained_cfg_overlay.url='{url}'",
                    "data.root=/nonexistent/imagenet", *FAST])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(train, cfg, run_dir=run_dir, fresh_dir=run_dir)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_.value.code == 2
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot download {url} ("), lines
-    assert "++model.pretrained_cfg_overlay.file=/path/litv2_s.pth" in lines[0]
+    line = user_error_line(capsys, train, cfg, run_dir=run_dir, fresh_dir=run_dir)
+    assert line.startswith(f"error: cannot download {url} ("), line
+    assert "++model.pretrained_cfg_overlay.file=/path/litv2_s.pth" in line
     assert not list((tmp_path / "runs").rglob("*")), "a failed start must leave no run dir behind"
 
 
