@@ -342,7 +342,7 @@ def test_benchmark_models_measures_each_models_memory_alone_on_the_device(tmp_pa
         assert moves == {n: "device" if n == name else "cpu" for n in ("litv2_s", "resnet18")}
 
 def test_benchmark_models_compile_adds_a_compiled_row_per_model(tmp_path, monkeypatch):
-    # Dynamo's eager backend stands in for inductor (whose compile of LITv2 is tested in test_train.py)
+    # Dynamo's eager backend stands in for inductor (inductor on LITv2: test_models.py's `inductor` test)
     compile_, compiled = torch.compile, []
     monkeypatch.setattr(torch, "compile",
                         lambda model, **kw: compiled.append(kw) or compile_(model, **kw, backend="eager"))
