@@ -101,6 +101,40 @@ def _ignore_stop_signals(_worker_id: int):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+_exit_hook_registered = False
+
+
+def _end_workers_at_exit():
+    """At interpreter exit, end the daemonic child processes still alive (loader workers that outlived their loader):
+    multiprocessing's own exit handler sends them SIGTERM, which loader workers ignore, and then waits for them
+    without a timeout. Registered after it, so it runs before it."""
+    import multiprocessing
+    import signal
+    import time
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children and hasattr(signal, "SIGCHLD"):  # torch's handler would raise on the first worker that ends
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + 1.0
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+def _register_exit_hook():
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import atexit
+        import multiprocessing.util  # noqa: F401  registers multiprocessing's exit handler first
+
+        atexit.register(_end_workers_at_exit)
+        _exit_hook_registered = True
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a SLURM or container CPU set)."""
     try:
@@ -126,6 +160,8 @@ def loader_workers(requested: int) -> int:
 
 def _loader(data_cfg, dataset, sampler, drop_last: bool, persistent: bool):
     workers = loader_workers(int(data_cfg.num_workers))
+    if workers:
+        _register_exit_hook()
     return torch.utils.data.DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available(),

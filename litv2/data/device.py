@@ -8,6 +8,8 @@ permuted ``(B, C, H, W)`` view of a ``(B, H, W, C)`` batch is channels-last in m
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -40,6 +42,7 @@ class DeviceLoader:
         self.loader, self.device, self.random_erasing = loader, torch.device(device), random_erasing
         self.mean = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor([255.0 * s for s in std], device=self.device).view(1, -1, 1, 1)
+        self._open = weakref.WeakSet()  # iterations not yet closed
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -49,6 +52,23 @@ class DeviceLoader:
         return self.loader.dataset
 
     def __iter__(self):
+        batches = self._batches()
+        self._open.add(batches)
+        return batches
+
+    def close(self) -> None:
+        """End every open iteration and let go of the DataLoader, so its worker processes exit now.
+
+        Without this, an error mid-epoch leaves the workers alive as long as the traceback that holds the epoch's
+        iterator, and at interpreter exit multiprocessing waits for them (they ignore SIGTERM, see
+        :func:`litv2.data.builder._ignore_stop_signals`). Persistent workers belong to the DataLoader and go with it.
+        """
+        for batches in list(self._open):
+            batches.close()
+        self._open.clear()
+        self.loader = None
+
+    def _batches(self):
         for images, targets, skipped in self.loader:
             if images is not None:
                 images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
