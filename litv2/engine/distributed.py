@@ -7,11 +7,19 @@ launcher with tasks_per_node = GPUs). NCCL on GPUs, gloo on CPU. See docs/distri
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,7 +95,9 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     """This process's rank and device; joins the process group when there are several ranks.
 
     ``timeout_s`` bounds every collective (trainer.dist_timeout_s): a rank that waits longer for the others (one
-    died, or rank 0 is still listing a dataset) fails instead of hanging; None keeps torch's default.
+    died, or rank 0 is still listing a dataset) fails instead of hanging; None keeps torch's default. With several
+    ranks, a :class:`FailureWatch` on the job's rendezvous store ends this rank within seconds of another one's
+    failure (see :func:`failure_watch`).
     """
     _slurm_env_to_torchrun_env()
     rank = int(os.environ.get("RANK", 0))
@@ -99,15 +109,121 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+        timeout = datetime.timedelta(seconds=float(timeout_s)) if timeout_s is not None \
+            else dist.constants.default_pg_timeout
+        # the env:// rendezvous init_process_group would do, with the store kept for the failure watch
+        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size,
                                 device_id=dev if use_cuda else None, timeout=timeout)
+        global _watch
+        _watch = FailureWatch(store, rank)
     return DistInfo(rank, local_rank, world_size, dev)
 
 
-def cleanup():
+def cleanup(completed: bool = True):
+    """Stop the failure watch and leave the process group. After a completed job the ranks meet once more first:
+    rank 0 may host the store, and no rank's watch may see it go away as a failure."""
+    global _watch
+    watch, _watch = _watch, None
+    if watch is not None:
+        watch.stop()
     if dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+# ---- a failed rank ends the job --------------------------------------------------------------------------------
+
+class RankFailed(Exception):
+    """Another rank of this job failed, and this one stopped because of it; the message names that rank and its
+    error (its traceback is in that rank's output)."""
+
+
+class FailureWatch:
+    """News of a failed rank, out of band: through the job's rendezvous store, not the collectives.
+
+    A collective waits for every rank: after one rank fails, the others would wait in theirs until
+    ``trainer.dist_timeout_s`` (NCCL), or sit wherever they are (a long validation) until a launcher kills them,
+    and srun does not. So a rank that fails says so in the store first (:meth:`announce`), and a thread on every
+    rank polls the store every ``poll_s``: on another rank's failure, or when the store itself is gone (its host,
+    rank 0 or torchrun's agent, died), it gives the main thread ``grace_s`` to end on its own (gloo collectives
+    fail at once when a peer's connection closes), then prints one line and ends the process, loader workers
+    included. The keys carry torchrun's restart count: an elastic restart does not see the last attempt's news.
+    """
+
+    def __init__(self, store, rank: int, poll_s: float = 1.0, grace_s: float = 5.0):
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"litv2/{attempt}/", store)
+        self.rank, self.poll_s, self.grace_s = rank, poll_s, grace_s
+        self.on_abort: list = []  # last things to do before the watch ends the process (e.g. release a lease)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="litv2-failure-watch", daemon=True)
+        self._thread.start()
+
+    def announce(self, exc: BaseException) -> None:
+        """Tell the other ranks that this one failed with ``exc`` (the first failure of the job is kept)."""
+        what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+        try:
+            if self.store.add("failures", 1) == 1:
+                self.store.set("failure", json.dumps({"rank": self.rank, "host": socket.gethostname(),
+                                                      "error": what}))
+        except Exception:  # the store is gone too: the others learn it from that
+            pass
+
+    def peer_failure(self) -> str | None:
+        """A line naming another rank's failure, or the loss of the store; None if neither."""
+        try:
+            if not self.store.check(["failure"]):
+                return None
+            news = json.loads(self.store.get("failure"))
+        except Exception as e:
+            return f"lost the job's rendezvous store ({type(e).__name__}): the process that hosted it (rank 0 or " \
+                   f"torchrun's agent) has ended"
+        if news["rank"] == self.rank:
+            return None
+        return f"rank {news['rank']} (host {news['host']}) failed: {news['error']}"
+
+    def _run(self):
+        while not self._stop.wait(self.poll_s):
+            news = self.peer_failure()
+            if news is None:
+                continue
+            if self._stop.wait(self.grace_s):  # the main thread ended the rank on its own
+                return
+            print(f"error: {news}; rank {self.rank} stopped too", file=sys.stderr, flush=True)
+            for fn in self.on_abort:
+                try:
+                    fn()
+                except Exception:
+                    pass
+            _end_child_processes()
+            os._exit(1)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.poll_s + 5)
+
+
+_watch: FailureWatch | None = None
+
+
+def failure_watch() -> FailureWatch | None:
+    """This process's watch (multi-rank jobs only)."""
+    return _watch
+
+
+def _end_child_processes():
+    """Kill this process's multiprocessing children (loader workers ignore SIGTERM)."""
+    import multiprocessing
+
+    for p in multiprocessing.active_children():
+        p.kill()
+    deadline = time.monotonic() + 2.0
+    for p in multiprocessing.active_children():
+        p.join(max(0.0, deadline - time.monotonic()))
 
 
 def broadcast_object(obj, info: DistInfo):
