@@ -27,16 +27,17 @@ log = logging.getLogger(__name__)
 FORMAT = "litv2-train-v1"
 LAST, PREV, BEST = "last.pth", "last.prev.pth", "best.pth"
 # Keys that do not change what a run computes: a rerun that differs only here is the same run.
-_NOT_IDENTITY = ("trainer.resume", "trainer.dist_timeout_s", "logger", "profile", "data.num_workers", "data.pin_memory",
-                 "data.persistent_workers")
+_NOT_IDENTITY = ("trainer.resume", "trainer.dist_timeout_s", "trainer.run_dir_lease_s", "logger", "profile",
+                 "data.num_workers", "data.pin_memory", "data.persistent_workers")
 
 
 class CheckpointError(UserError):
     pass
 
 
-# What a run dir holds before any training happened: Hydra's .hydra/ and our resolved config.
-SETUP_ONLY = {".hydra", "config.yaml", "config_hash"}
+# What a run dir holds before any training happened: Hydra's .hydra/, our resolved config and (while a job holds it)
+# its lease (litv2.engine.lease).
+SETUP_ONLY = {".hydra", "config.yaml", "config_hash", ".lease"}
 
 
 def remove_if_unused(run_dir) -> bool:
@@ -184,18 +185,110 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def find_unfinished_run(runs_root, cfg_hash: str, exclude=None) -> Path | None:
-    """Latest run dir under runs_root with this config hash, a checkpoint and no summary.json."""
+def find_unfinished_run(runs_root, cfg_hash: str, exclude=None, lease_ttl_s: float = 120.0) -> Path | None:
+    """The run dir under runs_root that a rerun of this config continues: no summary.json, no live job holding it
+    (see :mod:`litv2.engine.lease`), and the latest checkpoint of those; else the latest such dir without a
+    checkpoint (a run stopped before its first one)."""
+    from .lease import is_held
+
     root = Path(runs_root)
     if not root.is_dir():
         return None
-    found = []
+    with_checkpoint, without = [], []
     for f in root.rglob("config_hash"):
         d = f.parent
         if exclude is not None and d.resolve() == Path(exclude).resolve():
             continue
-        if f.read_text().strip() != cfg_hash or (d / "summary.json").exists():
+        try:
+            if f.read_text().strip() != cfg_hash or (d / "summary.json").exists() or is_held(d, lease_ttl_s):
+                continue
+            saved = [(d / n).stat().st_mtime for n in (LAST, PREV) if (d / n).exists()]
+            (with_checkpoint if saved else without).append((max(saved) if saved else f.stat().st_mtime, str(d)))
+        except FileNotFoundError:  # removed while we looked (a failed start cleaning up)
             continue
-        if (d / LAST).exists() or (d / PREV).exists():
-            found.append((max((d / n).stat().st_mtime for n in (LAST, PREV) if (d / n).exists()), d))
-    return max(found)[1] if found else None
+    found = with_checkpoint or without
+    return Path(max(found)[1]) if found else None
+
+
+# ---- resuming under another config ----------------------------------------------------------------------------
+
+# model.* keys that do not change the architecture: regularisation, weights to start from, how it is computed, and
+# the input size (LITv2 has no position embedding; where a model's parameters depend on it, the shape check tells).
+_NOT_ARCHITECTURE = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "drop_path_rate", "drop_rate",
+                     "proj_drop_rate", "attn_drop_rate", "pos_drop_rate", "img_size", "accel", "recompute_gelu",
+                     "recompute_dwconv"}
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _identity(cfg) -> dict:
+    c = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    flat = _flat(c)
+    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in _NOT_IDENTITY)}
+
+
+def _changes(old: dict, new: dict, keys) -> list[str]:
+    return [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(keys)]
+
+
+def check_resumable(cfg, state: dict, source) -> None:
+    """Raise CheckpointError if ``state`` (a training checkpoint) was trained on another model or dataset than
+    ``cfg`` describes: its config, then its weights' shapes against the configured model (built on the meta
+    device)."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"trainer.resume={source} is not a training checkpoint of this framework (to start "
+                              f"from its weights: trainer.init_from={source})")
+    saved, now = _identity(state.get("config") or {}), _identity(cfg)
+    arch = [k for k in set(saved) | set(now) if (k.startswith("model.") and k[6:] not in _NOT_ARCHITECTURE
+                                                 or k.startswith("hilo.")) and saved.get(k) != now.get(k)]
+    data = [k for k in ("data.name", "data.num_classes") if saved.get(k) != now.get(k)]
+    if arch or data:
+        what = "model" if arch else "dataset"
+        changed = "; ".join(_changes(saved, now, arch + data)[:4])
+        raise CheckpointError(f"trainer.resume={source} was trained on another {what}: {changed} (resume with its "
+                              f"settings, or start from its weights with trainer.init_from={source})")
+    import torch as _torch
+
+    from .builders import build_model
+
+    with _torch.device("meta"):
+        model = build_model(cfg, pretrained=False)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = state.get("model") or {}
+    for k, v in weights.items():
+        if k in expected and tuple(v.shape) != expected[k]:
+            raise CheckpointError(f"trainer.resume={source} does not fit the configured model: {k} is "
+                                  f"{tuple(v.shape)} in the checkpoint, {expected[k]} in the model")
+    odd = sorted(set(expected) ^ set(weights))
+    if odd:
+        where = "the checkpoint has no" if odd[0] in expected else "the model has no"
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise CheckpointError(f"trainer.resume={source} does not fit the configured model: {where} {odd[0]}{more}")
+
+
+# Keys that say when to stop, log or save, where things are, or how fast it runs: not the recipe.
+_NOT_RECIPE = ("name", "paths", "trainer.max_steps", "trainer.log_every", "trainer.eval_every",
+               "trainer.ckpt_every_steps", "trainer.signal_exit_code", "trainer.on_nonfinite", "trainer.device",
+               "trainer.compile", "trainer.channels_last", "trainer.tf32", "trainer.cpu_keep_freed_memory",
+               "model.accel", "model.recompute_gelu", "model.recompute_dwconv")
+
+
+def recipe_changes(cfg, state: dict, world_size: int) -> list[str]:
+    """What differs in the recipe between the checkpoint's run and this one (another model or dataset was refused by
+    check_resumable): ``["optim.lr 0.0005 -> 0.001", "world size 1 -> 2", ...]``."""
+    saved, now = _identity(state.get("config") or {}), _identity(cfg)
+    keys = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+            and not any(k == n or k.startswith(n + ".") for n in _NOT_RECIPE)]
+    changed = _changes(saved, now, keys)
+    if state.get("world_size") not in (None, world_size):
+        changed.append(f"world size {state['world_size']} -> {world_size}")
+    return changed
