@@ -255,7 +255,7 @@ def _save_on_rank(rank, world_size, store_path, run_dir, results):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         run = SimpleNamespace(info=DistInfo(rank, rank, world_size), progress=trainer.Progress(), start_time=0.0,
                               model=model, optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None,
-                              cfg=OmegaConf.create({"a": 1}), run_dir=run_dir)
+                              cfg=OmegaConf.create({"a": 1}), run_dir=run_dir, lease=None, saved_step=None)
         trainer.save(run, ckpt.LAST)
         results[rank] = time_.time()
     finally:

@@ -9,7 +9,8 @@ import tempfile
 from litv2.errors import UserError
 
 from .checkpoint import remove_if_unused
-from .signals import Preempted
+from .distributed import RankFailed
+from .signals import Interrupted, Preempted
 
 
 def _launched_rank() -> int:
@@ -34,9 +35,10 @@ def rank_zero_hydra_overrides(argv: list[str]) -> list[str]:
 
 def main_guard(fn, *args, exit_code_on_signal: int = 143, fresh_dir=None, **kwargs):
     """Call fn; a UserError becomes one line on stderr and exit status 2 (and ``fresh_dir``, the
-    run dir Hydra made for this command, is removed if nothing but setup files landed in it); a
+    run dir Hydra made for this command, is removed if nothing but setup files landed in it); a rank
+    that stopped because another one failed, one line and status 1; Ctrl-C, one line and status 130; a
     save-on-signal stop hands the signal on (e.g. to submitit's requeue handler) or exits with
-    ``exit_code_on_signal``."""
+    ``exit_code_on_signal``. Any other exception propagates (Hydra prints it, status 1)."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
@@ -44,6 +46,14 @@ def main_guard(fn, *args, exit_code_on_signal: int = 143, fresh_dir=None, **kwar
         if fresh_dir:
             remove_if_unused(fresh_dir)
         sys.exit(2)
+    except RankFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"stopped: {e or 'interrupted'}", file=sys.stderr, flush=True)
+        if fresh_dir:
+            remove_if_unused(fresh_dir)
+        sys.exit(130)
     except Preempted as p:
         print(f"stopped: {p}", file=sys.stderr, flush=True)
         prev = p.previous_handler

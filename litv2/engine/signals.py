@@ -22,6 +22,10 @@ class Preempted(Exception):
         self.signum, self.step, self.previous_handler = signum, step, previous_handler
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT): the job ended at once, without a save; its message says which checkpoint is kept."""
+
+
 class StopOnSignal:
     """Context manager that turns SIGTERM/SIGUSR1/SIGUSR2 into a polite stop request."""
 

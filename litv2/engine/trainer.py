@@ -33,10 +33,11 @@ from litv2.logging import RunLogger, log
 from . import checkpoint as ckpt
 from .builders import apply_accel, apply_process_settings, build_model, build_optimizer, build_scheduler, \
     check_config, lr_scale, process_settings, tf32_enabled
-from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
-                          init_distributed, sync_buffers)
+from .distributed import (DistInfo, RankFailed, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
+                          failure_watch, init_distributed, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
-from .signals import Preempted, StopOnSignal
+from .lease import RunDirBusy, RunDirLease
+from .signals import Interrupted, Preempted, StopOnSignal
 from .weights import fetch_start_weights
 
 
@@ -76,9 +77,11 @@ class Run:
     val_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
     stop: StopOnSignal
+    lease: RunDirLease | None = None  # rank 0's hold on the run dir
     logger: RunLogger | None = None
     progress: Progress = field(default_factory=Progress)
     start_time: float = field(default_factory=time.time)
+    saved_step: int | None = None     # global step of the newest last.pth (None: none yet)
 
     @property
     def global_batch(self) -> int:
@@ -88,35 +91,74 @@ class Run:
 def train(cfg, run_dir=None) -> dict:
     """Run (or continue) one training job; returns the summary (rank 0) or {} (other ranks).
 
-    The process settings a run changes (determinism, cuDNN autotuning, TF32) are put back afterwards, so tests
-    and Hydra multiruns can run several jobs in one process; the global RNGs (seeded from ``cfg.seed``) and
-    glibc's malloc setting (``trainer.cpu_keep_freed_memory``, which keeps the peak for good) are not.
+    Whatever happens, what the job opened (loader workers, the run dir's lease, the logs, the process group) is
+    closed before it returns or raises; a failure is announced to the other ranks, which then end too (see
+    :func:`_failure`). The process settings a run changes (determinism, cuDNN autotuning, TF32) are put back
+    afterwards, so tests and Hydra multiruns can run several jobs in one process; the global RNGs (seeded from
+    ``cfg.seed``) and glibc's malloc setting (``trainer.cpu_keep_freed_memory``, which keeps the peak for good) are
+    not.
     """
     check_config(cfg)
     info = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    run, completed = None, False
     try:
-        with process_settings(), StopOnSignal() as stop:
-            run = setup(cfg, run_dir, info, stop)
-            try:
-                fit(run)
-                return finish(run)
-            finally:
-                run.logger.close()
+        with process_settings(), StopOnSignal() as stop, contextlib.ExitStack() as closing:
+            run = setup(cfg, run_dir, info, stop, closing)
+            fit(run)
+            summary = finish(run)
+        completed = True
+        return summary
+    except Preempted:
+        raise
+    except BaseException as e:
+        failure = _failure(e, run, info)
+        if failure is e:
+            raise
+        raise failure from None
     finally:
-        cleanup()
+        cleanup(completed)
+
+
+def _failure(e: BaseException, run: Run | None, info: DistInfo) -> BaseException:
+    """What a failed job raises, told to the other ranks first: Ctrl-C becomes :class:`Interrupted`; an error on a
+    rank that stopped because another rank failed (a collective that lost its peer) becomes :class:`RankFailed`
+    naming that rank's error; anything else is raised as it is, after this rank announced it."""
+    watch = failure_watch()
+    if watch is not None and not isinstance(e, (UserError, KeyboardInterrupt)):
+        news = watch.peer_failure()
+        if news is not None:
+            return RankFailed(f"{news}; rank {info.rank} stopped too")
+    if watch is not None:
+        watch.announce(e)
+    if isinstance(e, KeyboardInterrupt):
+        kept = "no checkpoint was written yet"
+        if run is not None and run.saved_step is not None:
+            kept = f"{run.run_dir / ckpt.LAST} (step {run.saved_step}) is kept: rerun the same command to resume"
+        elif run is not None and ckpt.has_checkpoint(run.run_dir):
+            kept = f"the checkpoints in {run.run_dir} are kept: rerun the same command to resume"
+        at = f" at step {run.progress.global_step}" if run is not None else ""
+        return Interrupted(f"interrupted{at}; {kept}")
+    return e
 
 
 # ---- setup -------------------------------------------------------------------------------------------------
 
-def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
+def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal, closing: contextlib.ExitStack) -> Run:
     """Starting weights, data, run dir, model, optimizer, schedule, EMA, AMP; then resume, wrap for training and open
-    the logs."""
+    the logs. What it opens is closed by ``closing`` when the job ends, however it ends."""
     t = cfg.trainer
     init_from = _shared_start_weights(cfg, info)  # a failed download or misfit weights stop the run here
     root = _shared_dataset_root(cfg, info)
-    run_dir, resume_from = decide_run_dir(cfg, run_dir, info)
+    _shared_resume_check(cfg, info)  # a checkpoint of another model or dataset stops the run here
+    run_dir, resume_from, lease = decide_run_dir(cfg, run_dir, info)
+    if lease is not None:
+        closing.callback(lease.release)
+        if failure_watch() is not None:  # a rank that ends the process for a failed peer releases it first
+            failure_watch().on_abort.append(lease.release)
     train_loader, sampler = build_train_loader(cfg, root, info.rank, info.world_size, info.device)
+    closing.callback(train_loader.close)
     val_loader = build_eval_loader(cfg.data, root, info.rank, info.world_size, device=info.device)
+    closing.callback(val_loader.close)
     steps_per_epoch = len(train_loader) // t.accum_steps
     if steps_per_epoch < 1:
         raise UserError(f"one epoch has fewer batches ({len(train_loader)}) than trainer.accum_steps={t.accum_steps}")
@@ -135,11 +177,12 @@ def setup(cfg, run_dir, info: DistInfo, stop: StopOnSignal) -> Run:
     run = Run(cfg, info, run_dir, model, model, ModelEmaV3(model, decay=t.ema.decay) if t.ema.enabled else None,
               optimizer, build_scheduler(cfg, optimizer, steps_per_epoch, info.world_size),
               torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16"), mixup_fn, criterion,
-              train_loader, sampler, val_loader, steps_per_epoch, stop)
+              train_loader, sampler, val_loader, steps_per_epoch, stop, lease)
     resume(run, resume_from)  # into the plain model, before the DDP wrap
     run.train_model = _wrap_for_training(model, cfg, info)
     run.logger = RunLogger(run_dir, cfg, enabled=info.is_main,
                            resume_step=run.progress.global_step if resume_from is not None else None)
+    closing.callback(run.logger.close)
     run.logger.info("run dir %s | %d rank(s) | global batch %d | lr %.3g | %d steps/epoch", run_dir,
                     info.world_size, run.global_batch, cfg.optim.lr * lr_scale(cfg, info.world_size), steps_per_epoch)
     run.start_time = time.time() - run.progress.elapsed_s
@@ -176,33 +219,77 @@ def _shared_dataset_root(cfg, info: DistInfo):
     return index
 
 
+def _shared_resume_check(cfg, info: DistInfo) -> None:
+    """trainer.resume=<file>: rank 0 reads the checkpoint's config and refuses one of another model or dataset in one
+    line, on every rank, before the run dir exists (a recipe change is allowed: see :func:`resume`)."""
+    resume = cfg.trainer.resume
+    if resume in (None, "none", "auto"):
+        return
+    problem = None
+    if info.is_main:
+        try:
+            ckpt.check_resumable(cfg, ckpt.load_file(resume), resume)
+        except UserError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise UserError(problem)
+
+
 def decide_run_dir(cfg, run_dir, info: DistInfo):
-    """Rank 0 picks the run dir and whether to resume; every rank gets the same answer.
+    """Rank 0 picks the run dir, takes its lease (one live job per run dir, see :mod:`litv2.engine.lease`) and
+    decides whether to resume; every rank gets the same answer. Returns (run dir, what to resume or None, rank 0's
+    lease or None).
 
     trainer.resume=auto continues `run_dir` if it holds a checkpoint, else the latest unfinished run with the same
-    config under paths.runs_root (so rerunning a killed command continues it).
+    config under paths.runs_root that no live job holds: a run killed after a checkpoint continues from it, one
+    killed before its first checkpoint starts again in its own dir.
     """
-    decision = None
+    decision, problem, lease = None, None, None
     if info.is_main:
-        run_dir = Path(run_dir or Path(cfg.paths.runs_root) / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S"))
-        cfg_hash = ckpt.config_hash(cfg)
-        resume_from, resume = None, cfg.trainer.resume
+        try:
+            run_dir, resume_from, lease = _choose_run_dir(cfg, run_dir)
+            decision = (str(run_dir), resume_from)
+        except (UserError, OSError) as e:
+            problem = str(e) if isinstance(e, UserError) else f"cannot prepare the run dir: {e}"
+    problem, decision = broadcast_object((problem, decision), info)
+    if problem:
+        raise UserError(problem)
+    return Path(decision[0]), decision[1], lease
+
+
+def _choose_run_dir(cfg, run_dir):
+    own = Path(run_dir or Path(cfg.paths.runs_root) / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    cfg_hash, ttl, resume = ckpt.config_hash(cfg), cfg.trainer.run_dir_lease_s, cfg.trainer.resume
+    chosen, lease = own, None
+    if resume == "auto" and not ckpt.has_checkpoint(own):
+        previous = ckpt.find_unfinished_run(cfg.paths.runs_root, cfg_hash, exclude=own, lease_ttl_s=ttl)
+        if previous is not None:
+            try:
+                lease = RunDirLease(previous, ttl).acquire()
+                chosen = previous
+            except RunDirBusy:  # another rerun took it first
+                pass
+    if lease is None:
+        lease = RunDirLease(own, ttl).acquire()  # RunDirBusy: a live job holds this very dir
+    try:
+        if chosen != own:
+            ckpt.remove_if_unused(own)  # the dir Hydra just made for this command
+        resume_from = None
         if resume not in (None, "none", "auto"):
             resume_from = str(resume)
-        elif resume == "auto":
-            if not ckpt.has_checkpoint(run_dir):
-                previous = ckpt.find_unfinished_run(cfg.paths.runs_root, cfg_hash, exclude=run_dir)
-                if previous is not None:
-                    ckpt.remove_if_unused(run_dir)  # the dir Hydra just made for this command
-                    run_dir = previous
-            if ckpt.has_checkpoint(run_dir):
-                resume_from = "auto"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config_hash").write_text(cfg_hash + "\n")
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        decision = (str(run_dir), resume_from)
-    run_dir, resume_from = broadcast_object(decision, info)
-    return Path(run_dir), resume_from
+        elif resume == "auto" and ckpt.has_checkpoint(chosen):
+            resume_from = "auto"
+        elif chosen != own:  # a run stopped before its first checkpoint starts again: its logs are of nothing kept
+            log.info("starting again in %s (a run of this config that stopped before its first checkpoint)", chosen)
+            for leftover in ("metrics.jsonl", "wandb_id"):
+                (chosen / leftover).unlink(missing_ok=True)
+        (chosen / "config_hash").write_text(cfg_hash + "\n")
+        OmegaConf.save(cfg, chosen / "config.yaml", resolve=True)
+    except BaseException:
+        lease.release()
+        raise
+    return chosen, resume_from, lease
 
 
 def _wrap_for_training(model, cfg, info: DistInfo):
@@ -231,16 +318,26 @@ def _wrap_for_training(model, cfg, info: DistInfo):
 # ---- resume ------------------------------------------------------------------------------------------------
 
 def resume(run: Run, resume_from: str | None) -> None:
-    """Load the checkpoint rank 0 chose (into the plain model, optimizer, scaler, EMA) and the RNG streams."""
+    """Load the checkpoint rank 0 chose (into the plain model, optimizer, scaler, EMA) and the RNG streams.
+
+    A checkpoint of another recipe (batch size, LR, epochs, world size, ...; another model or dataset was refused
+    by :func:`_shared_resume_check`) resumes with one warning line naming the changes: the position in the epoch is
+    mapped by the samples seen, the optimizer keeps its moments but takes this config's hyperparameters, and the
+    best metrics start afresh (they would be another recipe's)."""
     info, restored = run.info, False
     if resume_from is not None:
         state, path = ckpt.load_resume_state_on_all_ranks(run.run_dir, resume_from, info)
         run.model.load_state_dict(state["model"])
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         run.optimizer.load_state_dict(state["optimizer"])
+        for g, configured in zip(run.optimizer.param_groups, groups):
+            g.update(configured)  # (the schedule sets the LR of every step)
         run.scaler.load_state_dict(state["scaler"])
         if run.ema is not None and state.get("ema") is not None:
             run.ema.module.load_state_dict(state["ema"])
         run.progress = Progress(**state["progress"])
+        run.saved_step = run.progress.global_step
+        _map_position(run, state, path)
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             ckpt.set_rng_state(rngs[info.rank])
@@ -255,6 +352,29 @@ def resume(run: Run, resume_from: str | None) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+
+def _map_position(run: Run, state: dict, path) -> None:
+    """Under another recipe, continue the epoch after the samples already seen (not after as many steps) and restart
+    the best metrics."""
+    p, saved_cfg = run.progress, state.get("config") or {}
+    changes = ckpt.recipe_changes(run.cfg, state, run.info.world_size)
+    if not changes:
+        return
+    recipe = [c for c in changes if not c.startswith("world size ")]
+    try:
+        saved_batch = state["world_size"] * saved_cfg["data"]["batch_size"] * saved_cfg["trainer"]["accum_steps"]
+    except (KeyError, TypeError):
+        saved_batch = run.global_batch
+    seen = p.step_in_epoch * saved_batch
+    p.step_in_epoch = min(seen // run.global_batch, run.steps_per_epoch)
+    p.global_step = p.epoch * run.steps_per_epoch + p.step_in_epoch
+    if recipe:
+        p.best, p.last_eval = Progress().best, {}
+    if run.info.is_main:
+        log.warning("resuming %s under another recipe (%s): epoch %d continues after the %d samples it has seen, at "
+                    "step %d of %d%s", path, ", ".join(changes), p.epoch + 1, seen, p.step_in_epoch,
+                    run.steps_per_epoch, "; best metrics start afresh" if p.best["epoch"] < 0 else "")
 
 
 # ---- the epoch loop ----------------------------------------------------------------------------------------
@@ -326,53 +446,58 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
     t, p, info = run.cfg.trainer, run.progress, run.info
     run.train_model.train()
     batches = iter(run.train_loader)
-    bar = run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}")
     stats, window_images, window_start = StepStats(info.device), 0, time.time()
-    while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
-        run.scheduler.step_update(p.global_step)
-        loss_sum, images_seen, skipped = _forward_backward(run, batches)
-        found_inf = stats.record(loss_sum, t.accum_steps, run.stop.requested is not None, skipped, info)
-        stats.add(found_inf, _optimizer_step(run, found_inf), p.global_step)
-        p.global_step += 1
-        p.step_in_epoch += 1
-        window_images += images_seen * info.world_size
-        bar.update(1)
-        checkpoint_due = t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0
-        if not (p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch
-                or p.global_step >= max_steps or checkpoint_due):
-            continue
-        window = stats.read(info.world_size)
-        _account_nonfinite(run, window)
-        _log_step(run, bar, window, window_images / max(time.time() - window_start, 1e-9))
-        window_images, window_start = 0, time.time()
-        if window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
-            save(run, ckpt.LAST, keep_previous=ckpt.PREV)
-            bar.close()
-            signum = run.stop.requested or signal.SIGTERM
-            raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
-        if checkpoint_due and p.step_in_epoch < run.steps_per_epoch:
-            save(run, ckpt.LAST, keep_previous=ckpt.PREV)
-    bar.close()
+    # (closed on every way out: an error message then starts on a line of its own)
+    with run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}") as bar:
+        while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
+            run.scheduler.step_update(p.global_step)
+            loss_sum, images_seen, skipped = _forward_backward(run, batches)
+            found_inf = stats.record(loss_sum, t.accum_steps, run.stop.requested is not None, skipped, info)
+            stats.add(found_inf, _optimizer_step(run, found_inf), p.global_step)
+            p.global_step += 1
+            p.step_in_epoch += 1
+            window_images += images_seen * info.world_size
+            bar.update(1)
+            checkpoint_due = t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0
+            if not (p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch
+                    or p.global_step >= max_steps or checkpoint_due):
+                continue
+            window = stats.read(info.world_size)
+            if run.lease is not None:
+                run.lease.check()  # another job took the run dir over (this one stalled past the lease's lifetime)
+            _account_nonfinite(run, window)
+            _log_step(run, bar, window, window_images / max(time.time() - window_start, 1e-9))
+            window_images, window_start = 0, time.time()
+            if window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
+                save(run, ckpt.LAST, keep_previous=ckpt.PREV)
+                signum = run.stop.requested or signal.SIGTERM
+                raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
+            if checkpoint_due and p.step_in_epoch < run.steps_per_epoch:
+                save(run, ckpt.LAST, keep_previous=ckpt.PREV)
 
 
 def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
     """trainer.accum_steps micro-batches of forward and backward; returns (summed loss, images, skipped images).
 
-    DDP all-reduces the gradients on the last micro-batch only."""
+    DDP all-reduces the gradients on the last micro-batch only. Every rank runs that all-reduce, even when its last
+    micro-batch had no readable image: see :func:`_backward_without_images`."""
     t, info = run.cfg.trainer, run.info
     loss_sum, images_seen, skipped = torch.zeros((), device=info.device), 0, 0
     for micro in range(t.accum_steps):
         images, targets, n_skipped = next(batches)
         skipped += n_skipped
+        last = micro == t.accum_steps - 1
+        if images is not None and run.mixup_fn is not None and len(images) % 2:
+            # Mixup pairs images; a skipped corrupt file can make the batch odd
+            images, targets = (images[:-1], targets[:-1]) if len(images) > 1 else (None, None)
         if images is None:
+            if last and info.distributed:
+                _backward_without_images(run)
             continue
         if run.mixup_fn is not None:  # (the loader gave normalised batches on the device)
-            if len(images) % 2:  # Mixup pairs images; a skipped corrupt file can make the batch odd
-                images, targets = images[:-1], targets[:-1]
             images, targets = run.mixup_fn(images, targets)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        last = micro == t.accum_steps - 1
         no_sync = info.distributed and not last and hasattr(run.train_model, "no_sync")
         with run.train_model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(info.device, t.precision):
@@ -381,6 +506,23 @@ def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
         loss_sum += loss.detach().float()
         images_seen += len(images)
     return loss_sum, images_seen, skipped
+
+
+def _backward_without_images(run: Run) -> None:
+    """A rank whose micro-batch held no readable image still joins DDP's gradient all-reduce (the other ranks wait in
+    it): a zero-weighted backward through one blank image, in eval mode (no BatchNorm statistics, no drop path),
+    adds nothing to its gradients."""
+    d = run.cfg.data
+    image = torch.zeros(1, 3, d.img_size, d.img_size, device=run.info.device)
+    if run.cfg.trainer.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    run.train_model.eval()
+    try:
+        with autocast(run.info.device, run.cfg.trainer.precision):
+            out = run.train_model(image)
+        (out.float().sum() * 0.0).backward()
+    finally:
+        run.train_model.train()
 
 
 def _optimizer_step(run: Run, found_inf: torch.Tensor) -> torch.Tensor | None:
@@ -462,6 +604,8 @@ def save(run: Run, name: str, keep_previous: str | None = None) -> None:
     p.elapsed_s = time.time() - run.start_time
     rngs = all_gather_object(ckpt.rng_state(), info)
     if info.is_main:
+        if run.lease is not None:
+            run.lease.check()  # never write into a run dir another job has taken over
         state = {
             "format": ckpt.FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
@@ -470,6 +614,8 @@ def save(run: Run, name: str, keep_previous: str | None = None) -> None:
         }
         ckpt.save_atomic(state, run.run_dir / name, keep_previous=keep_previous)
     barrier(info)
+    if name == ckpt.LAST:
+        run.saved_step = p.global_step
 
 
 # ---- finish ------------------------------------------------------------------------------------------------
