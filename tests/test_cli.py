@@ -57,7 +57,7 @@ def test_eval_unreadable_checkpoint_fails_in_one_line(tmp_path, capsys):
     good = FIXTURE.read_bytes()
     (tmp_path / "truncated.pth").write_bytes(good[: len(good) // 3])
     cfg = compose(["model=litv2_s", f"checkpoint={tmp_path / 'truncated.pth'}", "data=synthetic"], config="eval")
-    assert "is unreadable or truncated" in user_error_line(capsys, run_eval, cfg)
+    assert "is truncated or damaged: an incomplete PyTorch zip archive" in user_error_line(capsys, run_eval, cfg)
 
 
 def _tiny_imagefolder(root: Path, n_per_class: int = 2, classes: int = 10, size: int = 64):

@@ -13,7 +13,9 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,13 @@ def remove_if_unused(run_dir) -> bool:
     return True
 
 
+def _plain_cause(e: OSError) -> str:
+    """The errno's own words: no space left on device, read-only file system, permission denied, ..."""
+    if e.errno is not None:
+        return os.strerror(e.errno).lower()
+    return str(e) or type(e).__name__
+
+
 def save_atomic(state: dict, path, keep_previous: str | None = None):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -70,6 +79,57 @@ def save_atomic(state: dict, path, keep_previous: str | None = None):
         pass
 
 
+def _describe_unreadable(path: Path, error: Exception) -> str:
+    """What a file that torch.load(weights_only=True) refused is, in plain words (after "checkpoint <path> ")."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):  # a zip archive (PyTorch's format since 1.6)
+        first = head[30:30 + int.from_bytes(head[26:28], "little")].decode("utf-8", "replace")
+        kind = "PyTorch zip archive" if first.endswith("/data.pkl") else "zip archive"
+        if not zipfile.is_zipfile(path):  # no central directory at its end
+            return f"is truncated or damaged: an incomplete {kind} ({size:,} bytes)"
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if not any(n.endswith("/data.pkl") for n in names):
+            return f"is a zip archive but not a PyTorch checkpoint (it holds {', '.join(names[:3]) or 'nothing'})"
+    elif head.startswith(b"\x80"):  # a pickle: PyTorch's legacy format (or a plain pickle)
+        if isinstance(error, pickle.UnpicklingError):
+            return _refusal(error)
+        return f"is truncated or damaged: a PyTorch file in the legacy (pickle) format ({size:,} bytes)"
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:  # a multi-byte character cut at the end of the sample
+            text = head[:e.start].decode("utf-8") if e.start > len(head) - 4 else None
+        if text is None or any(c < " " and c not in "\t\n\r" for c in text):
+            return f"is not a PyTorch checkpoint (unrecognised binary data, {size:,} bytes)"
+        first_line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        quote = first_line[:60] + ("..." if len(first_line) > 60 else "")
+        html = re.match(r"\s*<(!doctype html|html)\b", text, re.IGNORECASE)
+        what = "an HTML page (a download that returned a web page?)" if html else "a text file"
+        return f"is not a PyTorch checkpoint but {what}, starting {quote!r}"
+    if isinstance(error, pickle.UnpicklingError):
+        return _refusal(error)
+    return f"is damaged: {_first_line(error)}"
+
+
+def _refusal(error: Exception) -> str:
+    """A weights_only unpickler error: a refused object (a class not allowed by default) or unreadable pickle data."""
+    after = str(error).partition("WeightsUnpickler error:")[2].strip()
+    detail = after.splitlines()[0].split(". ")[0].rstrip(".") if after else ""
+    if detail.startswith("Unsupported global"):
+        return f"holds objects that weights_only loading refuses ({detail})"
+    return "is truncated or damaged: its pickled data is unreadable" + (f" ({detail})" if detail else "")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_file(path) -> dict:
     """torch.load(weights_only=True) with one clear error for missing / unreadable / truncated files."""
     path = Path(path)
@@ -78,11 +138,11 @@ def load_file(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unsafe pickle, ...
-        if isinstance(e, pickle.UnpicklingError):
-            why = "not a PyTorch weights file, or it holds objects that weights_only loading refuses"
-        else:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({why})") from None
+        try:
+            what = _describe_unreadable(path, e)
+        except OSError as read_error:
+            what = f"cannot be read ({_plain_cause(read_error)})"
+        raise CheckpointError(f"checkpoint {path} {what}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
     return state
