@@ -51,9 +51,22 @@ def user_error_line(capsys, fn, *args, **kwargs) -> str:
     with pytest.raises(SystemExit) as exit_:
         main_guard(fn, *args, **kwargs)
     assert exit_.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = terminal_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The non-blank lines of ``text`` as a terminal shows them: a carriage return goes back to the start of the
+    line, and what follows overwrites it (a progress bar's updates, and the blanks that clear it when closed)."""
+    shown = []
+    for line in text.split("\n"):
+        screen = ""
+        for segment in line.split("\r"):
+            screen = segment + screen[len(segment):]
+        if screen.strip():
+            shown.append(screen.rstrip())
+    return shown
 
 
 def load_state(path):

@@ -1,8 +1,192 @@
-"""I/O faults (issue 28): an unreadable checkpoint is described in plain words."""
+"""I/O faults (issue 28): a checkpoint save that fails (full disk, I/O error, read-only file system) ends the run in
+one line and keeps the previous checkpoints; an unreadable checkpoint is described in plain words; an unwritable
+paths.runs_root is one line; eval.py profiles a checkpoint with its run's profile settings."""
+import errno
+import io
+import os
 import re
 
 import pytest
 import torch
+
+from engine_utils import FAST, TINY_LITV2, compose, load_state, user_error_line
+
+
+def _save(state_value: float, path, n: int = 1000):
+    from litv2.engine import checkpoint as ckpt
+
+    ckpt.save_atomic({"format": ckpt.FORMAT, "w": torch.full((n,), state_value)}, path, keep_previous=ckpt.PREV)
+
+
+def _temp_files(d):
+    return [p.name for p in d.iterdir() if ".tmp-" in p.name]
+
+
+# ---- 1. a failed checkpoint save ---------------------------------------------------------------------------
+
+def test_a_save_on_a_full_disk_keeps_the_previous_checkpoints_and_says_so(tmpfs):
+    """A real 256 KiB tmpfs: the third save (800 KB) does not fit. torch.save alone would report "unexpected pos
+    N vs M" and leave the partial temporary file filling the disk."""
+    from litv2.engine import checkpoint as ckpt
+
+    d = tmpfs.mount(size="256k")
+    _save(1.0, d / ckpt.LAST)
+    _save(2.0, d / ckpt.LAST)
+    with pytest.raises(ckpt.CheckpointSaveError) as e:
+        _save(3.0, d / ckpt.LAST, n=200_000)
+    assert str(e.value) == f"no space left on device while writing {d / ckpt.LAST} (the previous checkpoints are kept)"
+    assert isinstance(e.value, ckpt.UserError) and e.value.__cause__.errno == errno.ENOSPC
+    assert _temp_files(d) == [], "the partial temporary file must be removed"
+    assert load_state(d / ckpt.LAST)["w"][0] == 2.0 and load_state(d / ckpt.PREV)["w"][0] == 1.0
+    _save(4.0, d / ckpt.LAST)  # the space the failed save took is free again
+    assert load_state(d / ckpt.LAST)["w"][0] == 4.0 and load_state(d / ckpt.PREV)["w"][0] == 2.0
+
+
+class _FailingFile(io.FileIO):
+    """A file whose writes fail with ``error`` once ``limit`` bytes are written (or whose fsync fails: limit None)."""
+
+    def __init__(self, path, mode, error, limit):
+        super().__init__(path, mode)
+        self.error, self.limit, self.written = error, limit, 0
+
+    def write(self, data):
+        n = len(memoryview(data).cast("B"))
+        if self.limit is not None and self.written + n > self.limit:
+            raise OSError(self.error, os.strerror(self.error))
+        self.written += n
+        return super().write(data)
+
+
+@pytest.mark.parametrize("error,where,words", [
+    (errno.ENOSPC, "write", "no space left on device"),
+    (errno.EIO, "write", "input/output error"),
+    (errno.EIO, "fsync", "input/output error"),  # network file systems report a failed write at fsync / close
+    (errno.EDQUOT, "write", "disk quota exceeded"),
+])
+def test_a_failed_write_or_fsync_names_the_cause_and_leaves_no_temporary_file(error, where, words, tmp_path,
+                                                                              monkeypatch):
+    from litv2.engine import checkpoint as ckpt
+
+    _save(1.0, tmp_path / ckpt.LAST)
+    _save(2.0, tmp_path / ckpt.LAST)
+    if where == "write":
+        monkeypatch.setattr(ckpt, "open", lambda path, mode: _FailingFile(path, mode, error, limit=4096),
+                            raising=False)
+    else:
+        def failing_fsync(fd):
+            raise OSError(error, os.strerror(error))
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(ckpt.CheckpointSaveError) as e:
+        _save(3.0, tmp_path / ckpt.LAST, n=100_000)
+    assert str(e.value) == f"{words} while writing {tmp_path / ckpt.LAST} (the previous checkpoints are kept)"
+    monkeypatch.undo()
+    assert _temp_files(tmp_path) == []
+    assert load_state(tmp_path / ckpt.LAST)["w"][0] == 2.0 and load_state(tmp_path / ckpt.PREV)["w"][0] == 1.0
+
+
+def test_a_save_into_a_read_only_file_system_says_so(tmpfs):
+    from litv2.engine import checkpoint as ckpt
+
+    d = tmpfs.mount(size="256k")
+    _save(1.0, d / ckpt.BEST)
+    tmpfs.read_only(d)
+    with pytest.raises(ckpt.CheckpointSaveError, match=re.escape(
+            f"read-only file system while writing {d / ckpt.LAST} (the previous checkpoints are kept)")):
+        _save(2.0, d / ckpt.LAST)
+    with pytest.raises(ckpt.CheckpointSaveError, match="^read-only file system while writing"):
+        _save(2.0, d / ckpt.BEST)
+    assert sorted(p.name for p in d.iterdir()) == [ckpt.BEST]
+    assert load_state(d / ckpt.BEST)["w"][0] == 1.0
+
+
+def test_a_first_save_that_fails_says_no_checkpoint_was_saved(tmp_path):
+    from litv2.engine import checkpoint as ckpt
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ckpt.CheckpointSaveError, match=re.escape(
+            f"not a directory while writing {tmp_path / 'afile' / ckpt.LAST} (no checkpoint was saved)")):
+        _save(1.0, tmp_path / "afile" / ckpt.LAST)
+
+
+def test_a_state_that_cannot_be_pickled_is_raised_as_it_is_without_a_temporary_file(tmp_path):
+    """Not a file-system problem (a programming error): torch's own exception, and no temporary file left."""
+    from litv2.engine import checkpoint as ckpt
+
+    with pytest.raises(Exception) as e:
+        ckpt.save_atomic({"f": lambda: 0}, tmp_path / ckpt.LAST)
+    assert not isinstance(e.value, ckpt.CheckpointSaveError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_on_a_disk_that_fills_up_ends_in_one_line_with_the_last_good_checkpoint(digits, tmpfs, capsys,
+                                                                                          monkeypatch):
+    """The disk fills up after the first checkpoint (everything but 64 KiB taken): the second save fails, and the
+    run ends with the one-line error, no temporary file and the first checkpoint intact."""
+    from litv2.engine import checkpoint as ckpt
+    from litv2.engine import train
+
+    d = tmpfs.mount(size="8m")
+    real_save, saves = ckpt.save_atomic, []
+
+    def save_then_fill_the_disk(state, path, **kwargs):
+        real_save(state, path, **kwargs)
+        saves.append(path)
+        if len(saves) == 1:
+            free = os.statvfs(d).f_bavail * os.statvfs(d).f_frsize
+            (d / "filler").write_bytes(b"\0" * (free - 64 * 1024))
+
+    monkeypatch.setattr(ckpt, "save_atomic", save_then_fill_the_disk)
+    run_dir = d / "run"
+    cfg = compose(["experiment=quickstart", f"data.root={digits}", "data.batch_size=8", "trainer.max_steps=3",
+                   "trainer.ckpt_every_steps=1", *TINY_LITV2, *FAST])
+    line = user_error_line(capsys, train, cfg, run_dir=run_dir, fresh_dir=run_dir)
+    assert line == f"error: no space left on device while writing {run_dir / ckpt.LAST} (the previous checkpoints " \
+                   f"are kept)"
+    assert len(saves) == 1 and _temp_files(run_dir) == []
+    assert load_state(run_dir / ckpt.LAST)["progress"]["global_step"] == 1
+
+
+def _failed_save_on_rank(rank, world_size, store_path, run_dir, results):
+    import datetime
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from litv2.engine import checkpoint as ckpt
+    from litv2.engine import trainer
+    from litv2.engine.distributed import DistInfo
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"file://{store_path}",
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        model = torch.nn.Linear(2, 2)
+        run = SimpleNamespace(info=DistInfo(rank, rank, world_size), progress=trainer.Progress(), start_time=0.0,
+                              model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                              scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None,
+                              cfg=OmegaConf.create({"a": 1}), run_dir=run_dir)
+        try:
+            trainer.save(run, ckpt.LAST)
+            results[rank] = "returned"
+        except Exception as e:
+            results[rank] = (type(e).__name__, str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failed_save_ends_every_rank_with_rank_0s_line(tmp_path):
+    """Rank 0 cannot write (the run dir is a file); every rank raises the same CheckpointSaveError instead of the
+    other ranks waiting for rank 0 in a barrier."""
+    import torch.multiprocessing as mp
+
+    (tmp_path / "run").write_text("")
+    results = mp.Manager().dict()
+    mp.start_processes(_failed_save_on_rank, args=(2, str(tmp_path / "store"), tmp_path / "run", results), nprocs=2,
+                       start_method="fork")
+    expected = ("CheckpointSaveError", f"not a directory while writing {tmp_path / 'run' / 'last.pth'} "
+                                       f"(no checkpoint was saved)")
+    assert dict(results) == {0: expected, 1: expected}
 
 
 # ---- 2. an unreadable checkpoint, in plain words -----------------------------------------------------------

@@ -1,9 +1,11 @@
 """Checkpoints: atomic saves, safe loads, RNG state capture, finding what to resume.
 
-A save writes ``<name>.tmp-<pid>`` and renames it into place (``os.replace`` is atomic), so a
+A save writes ``.<name>.tmp-<pid>`` and renames it into place (``os.replace`` is atomic), so a
 crash mid-write never damages the previous file; the previous ``last.pth`` is kept as
-``last.prev.pth``. Loads use ``weights_only=True``; an unreadable or truncated file raises
-:class:`CheckpointError` (resume then falls back to ``last.prev.pth``), never a silent load.
+``last.prev.pth``. A save that fails (full disk, I/O error, read-only file system) removes its temporary
+file, leaves the previous checkpoints as they were and raises :class:`CheckpointSaveError`. Loads use
+``weights_only=True``; an unreadable or truncated file raises :class:`CheckpointError` saying what the file
+is (resume then falls back to ``last.prev.pth``), never a silent load.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ class CheckpointError(UserError):
     pass
 
 
+class CheckpointSaveError(UserError):
+    """A checkpoint that could not be written (full disk, I/O error, read-only file system, permissions)."""
+
+
 # What a run dir holds before any training happened: Hydra's .hydra/ and our resolved config.
 SETUP_ONLY = {".hydra", "config.yaml", "config_hash"}
 
@@ -54,6 +60,36 @@ def remove_if_unused(run_dir) -> bool:
     return True
 
 
+class _RecordingWriter:
+    """A binary file's write / flush as torch.save calls them, remembering the first OSError.
+
+    torch.save reports a failed write of a file object as its writer's follow-up error ("unexpected pos N vs
+    M"): the OSError (ENOSPC, EIO, ...) survives only as that error's ``__context__``.
+    """
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def write(self, data):
+        return self._call(self.f.write, data)
+
+    def flush(self):
+        return self._call(self.f.flush)
+
+    def seek(self, *args):
+        return self._call(self.f.seek, *args)
+
+    def tell(self):
+        return self.f.tell()
+
+
 def _plain_cause(e: OSError) -> str:
     """The errno's own words: no space left on device, read-only file system, permission denied, ..."""
     if e.errno is not None:
@@ -62,15 +98,37 @@ def _plain_cause(e: OSError) -> str:
 
 
 def save_atomic(state: dict, path, keep_previous: str | None = None):
+    """Write ``state`` to ``path`` through a temporary file renamed into place; ``keep_previous``: first rename
+    an existing ``path`` to this name (in the same directory).
+
+    The previous file is renamed only once the new one is complete and on disk. On a failure to write, flush,
+    fsync or rename, the temporary file is removed and :class:`CheckpointSaveError` names the cause; the files
+    already there are left as they were (or, had the last rename failed, the previous one is ``keep_previous``).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(keep_previous))
-    os.replace(tmp, path)
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(keep_previous))
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = e if isinstance(e, OSError) else (writer.error if writer is not None else None)
+        if cause is None or not isinstance(e, Exception):  # not the file system (e.g. an unpicklable object)
+            raise
+        kept = any((path.parent / n).exists() for n in (path.name, keep_previous, PREV, BEST) if n)
+        raise CheckpointSaveError(f"{_plain_cause(cause)} while writing {path} "
+                                  f"({'the previous checkpoints are kept' if kept else 'no checkpoint was saved'})"
+                                  ) from cause
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)

@@ -326,33 +326,32 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
     t, p, info = run.cfg.trainer, run.progress, run.info
     run.train_model.train()
     batches = iter(run.train_loader)
-    bar = run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}")
-    stats, window_images, window_start = StepStats(info.device), 0, time.time()
-    while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
-        run.scheduler.step_update(p.global_step)
-        loss_sum, images_seen, skipped = _forward_backward(run, batches)
-        found_inf = stats.record(loss_sum, t.accum_steps, run.stop.requested is not None, skipped, info)
-        stats.add(found_inf, _optimizer_step(run, found_inf), p.global_step)
-        p.global_step += 1
-        p.step_in_epoch += 1
-        window_images += images_seen * info.world_size
-        bar.update(1)
-        checkpoint_due = t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0
-        if not (p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch
-                or p.global_step >= max_steps or checkpoint_due):
-            continue
-        window = stats.read(info.world_size)
-        _account_nonfinite(run, window)
-        _log_step(run, bar, window, window_images / max(time.time() - window_start, 1e-9))
-        window_images, window_start = 0, time.time()
-        if window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
-            save(run, ckpt.LAST, keep_previous=ckpt.PREV)
-            bar.close()
-            signum = run.stop.requested or signal.SIGTERM
-            raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
-        if checkpoint_due and p.step_in_epoch < run.steps_per_epoch:
-            save(run, ckpt.LAST, keep_previous=ckpt.PREV)
-    bar.close()
+    # closed however the epoch ends: an error line printed next starts a line of its own, not the bar's
+    with run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}") as bar:
+        stats, window_images, window_start = StepStats(info.device), 0, time.time()
+        while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
+            run.scheduler.step_update(p.global_step)
+            loss_sum, images_seen, skipped = _forward_backward(run, batches)
+            found_inf = stats.record(loss_sum, t.accum_steps, run.stop.requested is not None, skipped, info)
+            stats.add(found_inf, _optimizer_step(run, found_inf), p.global_step)
+            p.global_step += 1
+            p.step_in_epoch += 1
+            window_images += images_seen * info.world_size
+            bar.update(1)
+            checkpoint_due = t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0
+            if not (p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch
+                    or p.global_step >= max_steps or checkpoint_due):
+                continue
+            window = stats.read(info.world_size)
+            _account_nonfinite(run, window)
+            _log_step(run, bar, window, window_images / max(time.time() - window_start, 1e-9))
+            window_images, window_start = 0, time.time()
+            if window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
+                save(run, ckpt.LAST, keep_previous=ckpt.PREV)
+                signum = run.stop.requested or signal.SIGTERM
+                raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
+            if checkpoint_due and p.step_in_epoch < run.steps_per_epoch:
+                save(run, ckpt.LAST, keep_previous=ckpt.PREV)
 
 
 def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
@@ -457,10 +456,14 @@ def validate(run: Run, epoch: int) -> None:
 
 def save(run: Run, name: str, keep_previous: str | None = None) -> None:
     """All ranks call this (RNG states are gathered); rank 0 writes, and no rank returns before the file is in
-    place (a rank that exits early, e.g. after a stop signal, would make torchrun or srun kill rank 0 mid-write)."""
+    place (a rank that exits early, e.g. after a stop signal, would make torchrun or srun kill rank 0 mid-write).
+
+    Rank 0 then sends the outcome: a failed save (full disk, I/O error) raises the same
+    :class:`~litv2.engine.checkpoint.CheckpointSaveError` on every rank, so all of them end at once."""
     info, p = run.info, run.progress
     p.elapsed_s = time.time() - run.start_time
     rngs = all_gather_object(ckpt.rng_state(), info)
+    failure, error = None, None
     if info.is_main:
         state = {
             "format": ckpt.FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -468,8 +471,18 @@ def save(run: Run, name: str, keep_previous: str | None = None) -> None:
             "progress": asdict(p), "rng": rngs, "world_size": info.world_size,
             "config": OmegaConf.to_container(run.cfg, resolve=True), "config_hash": ckpt.config_hash(run.cfg),
         }
-        ckpt.save_atomic(state, run.run_dir / name, keep_previous=keep_previous)
-    barrier(info)
+        try:
+            ckpt.save_atomic(state, run.run_dir / name, keep_previous=keep_previous)
+        except ckpt.CheckpointSaveError as e:
+            failure, error = (True, str(e)), e
+        except Exception as e:  # not the file system: rank 0 raises it as it is, the other ranks stop too
+            failure, error = (False, f"rank 0 failed to save {run.run_dir / name}: {type(e).__name__}: {e}"), e
+    failure = broadcast_object(failure, info)
+    if error is not None:
+        raise error
+    if failure is not None:
+        user_error, message = failure
+        raise (ckpt.CheckpointSaveError if user_error else RuntimeError)(message)
 
 
 # ---- finish ------------------------------------------------------------------------------------------------
