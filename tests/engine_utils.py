@@ -41,6 +41,14 @@ def run_script(script: str, args, timeout: int = 180, cwd=ROOT) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
+def assert_one_line_error(proc: subprocess.CompletedProcess, expected: str):
+    """A script that failed with one ``error: `` line on stderr containing ``expected``, and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
 def user_error_line(capsys, fn, *args, **kwargs) -> str:
     """Run ``fn`` as train.py / eval.py do (under ``main_guard``): it must exit with status 2 and print one line on
     stderr, which is returned."""

@@ -12,23 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, assert_same_tensors, compose, load_state, metrics_rows,
-                          run_script, train_in_process, user_error_line)
+from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, assert_one_line_error, assert_same_tensors, compose, load_state,
+                          metrics_rows, run_script, train_in_process, user_error_line)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_a05_ws2.pth"
-
-
-def _assert_one_line_error(proc, expected: str):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
 
 
 def test_train_bad_input_fails_in_one_line_and_leaves_no_run_dir(tmp_path):
     proc = run_script("train.py", ["data=imagenet", "data.root=/nonexistent/imagenet", f"paths.runs_root={tmp_path}",
                                    "logger=none"], timeout=120)
-    _assert_one_line_error(proc, "/nonexistent/imagenet does not exist; expected <root>/train")
+    assert_one_line_error(proc, "/nonexistent/imagenet does not exist; expected <root>/train")
     assert not list(tmp_path.rglob("*")), "a failed start must leave no run dir behind"
 
 

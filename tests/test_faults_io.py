@@ -5,11 +5,12 @@ import errno
 import io
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine_utils import FAST, TINY_LITV2, compose, load_state, user_error_line
+from engine_utils import CONF, FAST, TINY_LITV2, assert_one_line_error, compose, load_state, run_script, user_error_line
 
 
 def _save(state_value: float, path, n: int = 1000):
@@ -246,3 +247,57 @@ def test_an_unreadable_checkpoint_is_described_in_plain_words(make, tmp_path):
         ckpt.load_file(path)
     assert str(e.value).startswith(f"checkpoint {path} {expected}"), str(e.value)
     assert "\n" not in str(e.value) and not re.search(r"\(\d+\)", str(e.value)), str(e.value)
+
+
+# ---- 3. an unwritable paths.runs_root ----------------------------------------------------------------------
+
+def test_train_under_an_unwritable_runs_root_fails_in_one_line(tmp_path):
+    """Hydra makes the run dir before train.py's code runs; without the callback this is Hydra's traceback."""
+    (tmp_path / "afile").write_text("")
+    proc = run_script("train.py", [f"paths.runs_root={tmp_path / 'afile' / 'runs'}", "logger=none"], timeout=120)
+    assert_one_line_error(proc, f"error: cannot create the run dir {tmp_path / 'afile' / 'runs' / 'litv2_s'}/")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(": not a directory (set paths.runs_root to a writable place)"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == ""
+
+
+def _hydra_callbacks(overrides, config="config"):
+    """The composed config with Hydra's node, and the callbacks it registers (instantiated as Hydra does)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = hydra_compose(config, overrides=list(overrides), return_hydra_config=True)
+    return cfg, [instantiate(c) for c in (cfg.hydra.get("callbacks") or {}).values()]
+
+
+@pytest.mark.parametrize("mode", ["run", "multirun"])
+def test_a_read_only_runs_root_is_one_line_and_exit_status_2(mode, tmpfs, capsys):
+    root = tmpfs.mount(size="64k")
+    tmpfs.read_only(root)
+    cfg, callbacks = _hydra_callbacks([f"paths.runs_root={root}", "experiment=quickstart"])
+    with pytest.raises(SystemExit) as e:
+        for c in callbacks:
+            getattr(c, f"on_{mode}_start")(config=cfg)
+    assert e.value.code == 2
+    what, made = ("run dir", cfg.hydra.run.dir) if mode == "run" else ("sweep dir", cfg.hydra.sweep.dir)
+    assert capsys.readouterr().err == (f"error: cannot create the {what} {made}: read-only file system (set "
+                                       f"paths.runs_root to a writable place)\n")
+
+
+def test_the_run_dir_callback_makes_hydras_dir_and_leaves_torchrun_ranks_and_eval_alone(tmp_path, monkeypatch):
+    from litv2.engine import rank_zero_hydra_overrides
+
+    cfg, callbacks = _hydra_callbacks([f"paths.runs_root={tmp_path}", "experiment=quickstart"])
+    for c in callbacks:
+        c.on_run_start(config=cfg)
+    made = Path(cfg.hydra.run.dir)
+    assert made.is_dir() and made.parent == tmp_path / "quickstart" and list(tmp_path.rglob("*")) == [made.parent, made]
+    monkeypatch.setenv("RANK", "1")  # a torchrun rank > 0: Hydra's dir is the existing scratch dir, no .hydra/
+    overrides = rank_zero_hydra_overrides(["train.py", f"paths.runs_root={tmp_path / 'other'}"])[1:]
+    cfg, callbacks = _hydra_callbacks(overrides)
+    for c in callbacks:
+        c.on_run_start(config=cfg)
+    assert not (tmp_path / "other").exists()
+    _, callbacks = _hydra_callbacks(["model=litv2_s"], config="eval")
+    assert callbacks == []  # eval.py writes no run dir

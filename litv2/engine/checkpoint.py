@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from litv2.errors import UserError
+from litv2.errors import UserError, os_error_words
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,6 @@ class _RecordingWriter:
         return self.f.tell()
 
 
-def _plain_cause(e: OSError) -> str:
-    """The errno's own words: no space left on device, read-only file system, permission denied, ..."""
-    if e.errno is not None:
-        return os.strerror(e.errno).lower()
-    return str(e) or type(e).__name__
-
-
 def save_atomic(state: dict, path, keep_previous: str | None = None):
     """Write ``state`` to ``path`` through a temporary file renamed into place; ``keep_previous``: first rename
     an existing ``path`` to this name (in the same directory).
@@ -126,7 +119,7 @@ def save_atomic(state: dict, path, keep_previous: str | None = None):
         if cause is None or not isinstance(e, Exception):  # not the file system (e.g. an unpicklable object)
             raise
         kept = any((path.parent / n).exists() for n in (path.name, keep_previous, PREV, BEST) if n)
-        raise CheckpointSaveError(f"{_plain_cause(cause)} while writing {path} "
+        raise CheckpointSaveError(f"{os_error_words(cause)} while writing {path} "
                                   f"({'the previous checkpoints are kept' if kept else 'no checkpoint was saved'})"
                                   ) from cause
     try:  # make the rename itself durable
@@ -199,7 +192,7 @@ def load_file(path) -> dict:
         try:
             what = _describe_unreadable(path, e)
         except OSError as read_error:
-            what = f"cannot be read ({_plain_cause(read_error)})"
+            what = f"cannot be read ({os_error_words(read_error)})"
         raise CheckpointError(f"checkpoint {path} {what}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
