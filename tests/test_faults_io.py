@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import CONF, FAST, TINY_LITV2, assert_one_line_error, compose, load_state, run_script, user_error_line
+from engine_utils import (CONF, FAST, TINY_LITV2, assert_one_line_error, compose, load_state, make_digits_subset,
+                          run_script, train_in_process, user_error_line)
 
 
 def _save(state_value: float, path, n: int = 1000):
@@ -301,3 +302,52 @@ def test_the_run_dir_callback_makes_hydras_dir_and_leaves_torchrun_ranks_and_eva
     assert not (tmp_path / "other").exists()
     _, callbacks = _hydra_callbacks(["model=litv2_s"], config="eval")
     assert callbacks == []  # eval.py writes no run dir
+
+
+# ---- 4. eval.py reports the efficiency figures of the run's summary.json -----------------------------------
+
+def test_eval_of_our_checkpoint_profiles_it_as_the_run_did(digits, tmp_path):
+    """The run profiled at its own profile.batch_size; eval.py, given no profile settings, uses the run's (before:
+    its default batch of 64, and other memory figures). Which keys are taken: the test below."""
+    from litv2.engine import run_eval
+
+    root = make_digits_subset(digits, tmp_path / "data", per_class_train=2, val_total=10)  # a short validation
+    summary = train_in_process(["data=folder", "data.num_classes=10", "aug=none", f"data.root={root}",
+                                "data.img_size=32", "data.batch_size=8", "trainer.max_steps=1", "profile.batch_size=2",
+                                "profile.runs=1", "profile.warmup=0", "data.num_workers=0", *TINY_LITV2, "logger=none"],
+                               tmp_path / "run")
+    report = run_eval(compose([f"checkpoint={tmp_path / 'run' / 'last.pth'}", "data.num_workers=0"], config="eval"))
+    assert report["batch_size"] == 2 and report["img_size"] == [32, 32]
+    assert report["precision"] == summary["precision"]
+    assert (report["params"], report["gflops"]) == (summary["params"], summary["gflops"])
+    assert report["train_mem_mb"] == summary["train_mem_mb"] > 0
+    assert report["test_mem_mb"] == summary["test_mem_mb"] > 0
+
+
+def test_profile_keys_given_to_eval_win_over_the_runs(monkeypatch):
+    """As for data keys: what eval.py's command line gives stays, including what follows it (profile.precision is
+    ${trainer.precision}); profile.enabled is eval.py's own."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from litv2.engine.evaluate import with_run_config
+
+    run = OmegaConf.to_container(compose(["experiment=quickstart", "trainer.precision=bf16", "profile.batch_size=2",
+                                          "profile.runs=1", "profile.memory=false", "profile.enabled=false"]),
+                                 resolve=True)
+
+    def eval_cfg(*overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            with_hydra = hydra_compose("eval", overrides=["checkpoint=x.pth", *overrides], return_hydra_config=True)
+        monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # put back after the test
+        HydraConfig.instance().set_config(with_hydra)  # the command line eval.py got, as under @hydra.main
+        return with_run_config(compose(["checkpoint=x.pth", *overrides], config="eval"), run).profile
+
+    assert OmegaConf.to_container(eval_cfg(), resolve=True) == {
+        "enabled": True, "precision": "bf16", "img_size": 32, "batch_size": 2, "runs": 1, "warmup": 2,
+        "memory": False}
+    given = eval_cfg("profile.batch_size=3", "trainer.precision=fp32", "data.img_size=48", "profile.enabled=false")
+    assert OmegaConf.to_container(given, resolve=True) == {
+        "enabled": False, "precision": "fp32", "img_size": 48, "batch_size": 3, "runs": 1, "warmup": 2,
+        "memory": False}
