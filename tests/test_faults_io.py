@@ -207,6 +207,13 @@ def _legacy_truncated(path):
     return f"is truncated or damaged: a PyTorch file in the legacy (pickle) format ({len(data) // 2:,} bytes)"
 
 
+def _missing_record(path):
+    torch.save({"w": torch.arange(1000.0)}, path)
+    path.write_bytes(path.read_bytes().replace(b"/data/0", b"/data/9"))  # still a valid zip, without the tensor
+    return ("is damaged: a PyTorch zip archive whose contents do not load (PytorchStreamReader failed locating file "
+            "data/0: file not found)")
+
+
 def _refused(path):
     import argparse
 
@@ -237,8 +244,8 @@ def _written(content: bytes, expected: str):
              "'<!DOCTYPE html>'"),
     _written(b"", "is empty (0 bytes)"),
     _written(bytes(range(256)), "is not a PyTorch checkpoint (unrecognised binary data, 256 bytes)"),
-    _truncated_checkpoint, _legacy_truncated, _refused, _foreign_zip,
-], ids=["text", "html", "empty", "binary", "truncated", "legacy-truncated", "refused", "foreign-zip"])
+    _truncated_checkpoint, _legacy_truncated, _missing_record, _refused, _foreign_zip,
+], ids=["text", "html", "empty", "binary", "truncated", "legacy-truncated", "missing-record", "refused", "foreign-zip"])
 def test_an_unreadable_checkpoint_is_described_in_plain_words(make, tmp_path):
     from litv2.engine import checkpoint as ckpt
 

@@ -164,7 +164,9 @@ def _describe_unreadable(path: Path, error: Exception) -> str:
         return f"is not a PyTorch checkpoint but {what}, starting {quote!r}"
     if isinstance(error, pickle.UnpicklingError):
         return _refusal(error)
-    return f"is damaged: {_first_line(error)}"
+    detail = _first_sentence(error)
+    detail = f" ({detail})" if re.search(r"[A-Za-z]{3}", detail) else ""  # not a bare key or opcode number
+    return f"is damaged: a PyTorch zip archive whose contents do not load{detail}"
 
 
 def _refusal(error: Exception) -> str:
@@ -176,9 +178,9 @@ def _refusal(error: Exception) -> str:
     return "is truncated or damaged: its pickled data is unreadable" + (f" ({detail})" if detail else "")
 
 
-def _first_line(error: Exception) -> str:
+def _first_sentence(error: Exception) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].split(". ")[0] if text else ""
 
 
 def load_file(path) -> dict:
