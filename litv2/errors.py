@@ -2,6 +2,7 @@
 
 train.py / eval.py print it as a single line and exit non-zero, before any work is done.
 """
+import os
 
 
 class UserError(Exception):
@@ -13,3 +14,10 @@ class WeightsError(UserError, RuntimeError):
 
     A RuntimeError as well, like timm's own "no pretrained weights" error, for code that catches those.
     """
+
+
+def os_error_words(e: OSError) -> str:
+    """An OSError's cause in the errno's own words: "no space left on device", "read-only file system", ..."""
+    if e.errno is not None:
+        return os.strerror(e.errno).lower()
+    return str(e) or type(e).__name__

@@ -1,6 +1,9 @@
 """Fixtures shared by the test modules; constants and helpers are in engine_utils.py."""
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import torch
 
@@ -35,3 +38,42 @@ def release_tiny():
     kwargs = json.loads((FIXTURES / "tiny_a05_ws2.json").read_text())["constructor_kwargs"]
     io = torch.load(FIXTURES / "tiny_a05_ws2_io.pt", weights_only=True)
     return kwargs, FIXTURES / "tiny_a05_ws2.pth", io
+
+
+class _Tmpfs:
+    """Small tmpfs mounts under a test's tmp_path (root only), unmounted when the test ends."""
+
+    def __init__(self, base):
+        self.base, self.mounted = base, []
+
+    def mount(self, name: str = "fs", size: str = "256k"):
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        d = self.base / name
+        d.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+        self.mounted.append(d)
+        return d
+
+    @staticmethod
+    def read_only(d):
+        subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True, capture_output=True)
+
+    def unmount_all(self):
+        for d in reversed(self.mounted):
+            if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(d)], capture_output=True)  # busy: detach it now, free it later
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs.mount(name, size)``: a fresh tmpfs of that size under tmp_path (skips unless root and mount works);
+    ``tmpfs.read_only(dir)`` remounts one read-only."""
+    fs = _Tmpfs(tmp_path)
+    try:
+        yield fs
+    finally:
+        fs.unmount_all()

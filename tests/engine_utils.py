@@ -41,6 +41,14 @@ def run_script(script: str, args, timeout: int = 180, cwd=ROOT) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
+def assert_one_line_error(proc: subprocess.CompletedProcess, expected: str):
+    """A script that failed with one ``error: `` line on stderr containing ``expected``, and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
 def user_error_line(capsys, fn, *args, **kwargs) -> str:
     """Run ``fn`` as train.py / eval.py do (under ``main_guard``): it must exit with status 2 and print one line on
     stderr, which is returned."""
@@ -51,9 +59,22 @@ def user_error_line(capsys, fn, *args, **kwargs) -> str:
     with pytest.raises(SystemExit) as exit_:
         main_guard(fn, *args, **kwargs)
     assert exit_.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = terminal_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The non-blank lines of ``text`` as a terminal shows them: a carriage return goes back to the start of the
+    line, and what follows overwrites it (a progress bar's updates, and the blanks that clear it when closed)."""
+    shown = []
+    for line in text.split("\n"):
+        screen = ""
+        for segment in line.split("\r"):
+            screen = segment + screen[len(segment):]
+        if screen.strip():
+            shown.append(screen.rstrip())
+    return shown
 
 
 def load_state(path):

@@ -1,9 +1,11 @@
 """Checkpoints: atomic saves, safe loads, RNG state capture, finding what to resume.
 
-A save writes ``<name>.tmp-<pid>`` and renames it into place (``os.replace`` is atomic), so a
+A save writes ``.<name>.tmp-<pid>`` and renames it into place (``os.replace`` is atomic), so a
 crash mid-write never damages the previous file; the previous ``last.pth`` is kept as
-``last.prev.pth``. Loads use ``weights_only=True``; an unreadable or truncated file raises
-:class:`CheckpointError` (resume then falls back to ``last.prev.pth``), never a silent load.
+``last.prev.pth``. A save that fails (full disk, I/O error, read-only file system) removes its temporary
+file, leaves the previous checkpoints as they were and raises :class:`CheckpointSaveError`. Loads use
+``weights_only=True``; an unreadable or truncated file raises :class:`CheckpointError` saying what the file
+is (resume then falls back to ``last.prev.pth``), never a silent load.
 """
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from litv2.errors import UserError
+from litv2.errors import UserError, os_error_words
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,10 @@ _NOT_IDENTITY = ("trainer.resume", "trainer.dist_timeout_s", "trainer.run_dir_le
 
 class CheckpointError(UserError):
     pass
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint that could not be written (full disk, I/O error, read-only file system, permissions)."""
 
 
 # What a run dir holds before any training happened: Hydra's .hydra/, our resolved config and (while a job holds it)
@@ -53,22 +61,127 @@ def remove_if_unused(run_dir) -> bool:
     return True
 
 
+class _RecordingWriter:
+    """A binary file's write / flush as torch.save calls them, remembering the first OSError.
+
+    torch.save reports a failed write of a file object as its writer's follow-up error ("unexpected pos N vs
+    M"): the OSError (ENOSPC, EIO, ...) survives only as that error's ``__context__``.
+    """
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def write(self, data):
+        return self._call(self.f.write, data)
+
+    def flush(self):
+        return self._call(self.f.flush)
+
+    def seek(self, *args):
+        return self._call(self.f.seek, *args)
+
+    def tell(self):
+        return self.f.tell()
+
+
 def save_atomic(state: dict, path, keep_previous: str | None = None):
+    """Write ``state`` to ``path`` through a temporary file renamed into place; ``keep_previous``: first rename
+    an existing ``path`` to this name (in the same directory).
+
+    The previous file is renamed only once the new one is complete and on disk. On a failure to write, flush,
+    fsync or rename, the temporary file is removed and :class:`CheckpointSaveError` names the cause; the files
+    already there are left as they were (or, had the last rename failed, the previous one is ``keep_previous``).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(keep_previous))
-    os.replace(tmp, path)
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(keep_previous))
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = e if isinstance(e, OSError) else (writer.error if writer is not None else None)
+        if cause is None or not isinstance(e, Exception):  # not the file system (e.g. an unpicklable object)
+            raise
+        kept = any((path.parent / n).exists() for n in (path.name, keep_previous, PREV, BEST) if n)
+        raise CheckpointSaveError(f"{os_error_words(cause)} while writing {path} "
+                                  f"({'the previous checkpoints are kept' if kept else 'no checkpoint was saved'})"
+                                  ) from cause
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     except OSError:
         pass
+
+
+def _describe_unreadable(path: Path, error: Exception) -> str:
+    """What a file that torch.load(weights_only=True) refused is, in plain words (after "checkpoint <path> ")."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):  # a zip archive (PyTorch's format since 1.6)
+        first = head[30:30 + int.from_bytes(head[26:28], "little")].decode("utf-8", "replace")
+        kind = "PyTorch zip archive" if first.endswith("/data.pkl") else "zip archive"
+        if not zipfile.is_zipfile(path):  # no central directory at its end
+            return f"is truncated or damaged: an incomplete {kind} ({size:,} bytes)"
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if not any(n.endswith("/data.pkl") for n in names):
+            return f"is a zip archive but not a PyTorch checkpoint (it holds {', '.join(names[:3]) or 'nothing'})"
+    elif head.startswith(b"\x80"):  # a pickle: PyTorch's legacy format (or a plain pickle)
+        if isinstance(error, pickle.UnpicklingError):
+            return _refusal(error)
+        return f"is truncated or damaged: a PyTorch file in the legacy (pickle) format ({size:,} bytes)"
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:  # a multi-byte character cut at the end of the sample
+            text = head[:e.start].decode("utf-8") if e.start > len(head) - 4 else None
+        if text is None or any(c < " " and c not in "\t\n\r" for c in text):
+            return f"is not a PyTorch checkpoint (unrecognised binary data, {size:,} bytes)"
+        first_line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        quote = first_line[:60] + ("..." if len(first_line) > 60 else "")
+        html = re.match(r"\s*<(!doctype html|html)\b", text, re.IGNORECASE)
+        what = "an HTML page (a download that returned a web page?)" if html else "a text file"
+        return f"is not a PyTorch checkpoint but {what}, starting {quote!r}"
+    if isinstance(error, pickle.UnpicklingError):
+        return _refusal(error)
+    detail = _first_sentence(error)
+    detail = f" ({detail})" if re.search(r"[A-Za-z]{3}", detail) else ""  # not a bare key or opcode number
+    return f"is damaged: a PyTorch zip archive whose contents do not load{detail}"
+
+
+def _refusal(error: Exception) -> str:
+    """A weights_only unpickler error: a refused object (a class not allowed by default) or unreadable pickle data."""
+    after = str(error).partition("WeightsUnpickler error:")[2].strip()
+    detail = after.splitlines()[0].split(". ")[0].rstrip(".") if after else ""
+    if detail.startswith("Unsupported global"):
+        return f"holds objects that weights_only loading refuses ({detail})"
+    return "is truncated or damaged: its pickled data is unreadable" + (f" ({detail})" if detail else "")
+
+
+def _first_sentence(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else ""
 
 
 def load_file(path) -> dict:
@@ -79,11 +192,11 @@ def load_file(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unsafe pickle, ...
-        if isinstance(e, pickle.UnpicklingError):
-            why = "not a PyTorch weights file, or it holds objects that weights_only loading refuses"
-        else:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({why})") from None
+        try:
+            what = _describe_unreadable(path, e)
+        except OSError as read_error:
+            what = f"cannot be read ({os_error_words(read_error)})"
+        raise CheckpointError(f"checkpoint {path} {what}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
     return state

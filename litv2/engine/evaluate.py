@@ -150,7 +150,7 @@ def run_eval(cfg) -> dict:
         state = load_file(checkpoint)
         if cfg.use_run_config and state.get("format") == FORMAT and state.get("config"):
             cfg = with_run_config(cfg, state["config"])
-            log.info("model, hilo and data settings taken from the checkpoint's run config "
+            log.info("model, hilo, data and profile settings taken from the checkpoint's run config "
                      "(use_run_config=false to use the command line's)")
             check_config(cfg, training=False)
     root = None if cfg.profile_only else dataset_root(cfg.data, splits=("val",))
@@ -197,9 +197,13 @@ LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers")
 
 
 def with_run_config(cfg, run_cfg: dict):
-    """``cfg`` with the model, hilo and data settings a checkpoint was trained with; data keys given
-    on the command line (e.g. data.root=...), the loader settings and how the model is computed (model.accel
-    and its options) stay as given."""
+    """``cfg`` with the model, hilo, data and profile settings a checkpoint was trained with, so that eval.py
+    measures what the run's summary.json reports. Data and profile keys given on the command line (e.g.
+    data.root=..., profile.batch_size=...), the loader settings, whether to profile (profile.enabled) and how the
+    model is computed (model.accel and its options) stay as given; so does a profile key that follows another one
+    given there (profile.precision: ${trainer.precision} after trainer.precision=...)."""
+    import re
+
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -207,7 +211,8 @@ def with_run_config(cfg, run_cfg: dict):
     if HydraConfig.initialized():
         explicit = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     run = OmegaConf.create(run_cfg)
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    cfg = OmegaConf.create(raw)
     from .builders import ACCEL_KEYS
 
     accel = {k: cfg.model[k] for k in ACCEL_KEYS if k in cfg.model}
@@ -217,4 +222,8 @@ def with_run_config(cfg, run_cfg: dict):
     for k, v in run.data.items():
         if k not in LOADER_KEYS and f"data.{k}" not in explicit:
             cfg.data[k] = v
+    for k, v in (run.get("profile") or {}).items():
+        follows = re.fullmatch(r"\$\{([\w.]+)\}", str(raw.get("profile", {}).get(k, "")))
+        if k != "enabled" and f"profile.{k}" not in explicit and not (follows and follows.group(1) in explicit):
+            cfg.profile[k] = v
     return cfg

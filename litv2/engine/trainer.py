@@ -446,9 +446,9 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
     t, p, info = run.cfg.trainer, run.progress, run.info
     run.train_model.train()
     batches = iter(run.train_loader)
-    stats, window_images, window_start = StepStats(info.device), 0, time.time()
-    # (closed on every way out: an error message then starts on a line of its own)
+    # closed however the epoch ends: an error line printed next starts a line of its own, not the bar's
     with run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}") as bar:
+        stats, window_images, window_start = StepStats(info.device), 0, time.time()
         while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
             run.scheduler.step_update(p.global_step)
             loss_sum, images_seen, skipped = _forward_backward(run, batches)
@@ -599,21 +599,35 @@ def validate(run: Run, epoch: int) -> None:
 
 def save(run: Run, name: str, keep_previous: str | None = None) -> None:
     """All ranks call this (RNG states are gathered); rank 0 writes, and no rank returns before the file is in
-    place (a rank that exits early, e.g. after a stop signal, would make torchrun or srun kill rank 0 mid-write)."""
+    place (a rank that exits early, e.g. after a stop signal, would make torchrun or srun kill rank 0 mid-write).
+
+    Rank 0 then sends the outcome: a failed save (full disk, I/O error) raises the same
+    :class:`~litv2.engine.checkpoint.CheckpointSaveError` on every rank, so all of them end at once."""
     info, p = run.info, run.progress
     p.elapsed_s = time.time() - run.start_time
     rngs = all_gather_object(ckpt.rng_state(), info)
+    failure, error = None, None
     if info.is_main:
-        if run.lease is not None:
-            run.lease.check()  # never write into a run dir another job has taken over
         state = {
             "format": ckpt.FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "progress": asdict(p), "rng": rngs, "world_size": info.world_size,
             "config": OmegaConf.to_container(run.cfg, resolve=True), "config_hash": ckpt.config_hash(run.cfg),
         }
-        ckpt.save_atomic(state, run.run_dir / name, keep_previous=keep_previous)
-    barrier(info)
+        try:
+            if run.lease is not None:
+                run.lease.check()  # never write into a run dir another job has taken over
+            ckpt.save_atomic(state, run.run_dir / name, keep_previous=keep_previous)
+        except UserError as e:  # a failed write (CheckpointSaveError), a run dir taken over (RunDirBusy)
+            failure, error = (type(e), str(e)), e
+        except Exception as e:  # not the file system: rank 0 raises it as it is, the other ranks stop too
+            failure, error = (RuntimeError, f"rank 0 failed to save {run.run_dir / name}: {type(e).__name__}: {e}"), e
+    failure = broadcast_object(failure, info)
+    if error is not None:
+        raise error
+    if failure is not None:
+        kind, message = failure
+        raise kind(message)
     if name == ckpt.LAST:
         run.saved_step = p.global_step
 
