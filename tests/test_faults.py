@@ -117,13 +117,13 @@ def test_an_error_shuts_the_loader_workers_down_before_train_returns(digits, tmp
         return real(run, found_inf)
 
     monkeypatch.setattr(trainer, "_optimizer_step", failing)
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(RuntimeError, match="injected") as failed:  # holds the traceback, as Hydra's handler does
         train_in_process([*QUICK, f"data.root={digits}", "data.num_workers=2", "data.persistent_workers=true"],
                          tmp_path / "run")
     deadline = time.monotonic() + 5
     while multiprocessing.active_children() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not multiprocessing.active_children()
+    assert not multiprocessing.active_children() and failed.value.__traceback__ is not None
     assert not (tmp_path / "run" / ".lease").exists()
 
 

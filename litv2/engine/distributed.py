@@ -192,7 +192,8 @@ class FailureWatch:
                 continue
             if self._stop.wait(self.grace_s):  # the main thread ended the rank on its own
                 return
-            print(f"error: {news}; rank {self.rank} stopped too", file=sys.stderr, flush=True)
+            # (on a line of its own: a progress bar may hold the current one)
+            print(f"\nerror: {news}; rank {self.rank} stopped too", file=sys.stderr, flush=True)
             for fn in self.on_abort:
                 try:
                     fn()
