@@ -346,3 +346,59 @@ def test_resuming_the_same_recipe_keeps_the_best_and_says_nothing(checkpoint_at_
                                     f"trainer.resume={tmp_path / 'best_at_100.pth'}"], tmp_path / "again")
     assert not [r for r in caplog.records if "another recipe" in r.getMessage()]
     assert summary["best_top1"] == 100.0 and summary["steps"] == 7
+
+
+def test_the_failure_watch_names_the_first_failed_rank_and_not_its_own():
+    from litv2.engine.distributed import FailureWatch
+
+    store = torch.distributed.HashStore()
+    watches = [FailureWatch(store, rank, poll_s=3600) for rank in range(3)]  # (no polling during the test)
+    try:
+        assert all(w.peer_failure() is None for w in watches)
+        watches[2].announce(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"))
+        watches[1].announce(ValueError("a later failure"))
+        assert watches[2].peer_failure() is None
+        host = socket.gethostname()
+        for w in watches[:2]:
+            assert w.peer_failure() == f"rank 2 (host {host}) failed: RuntimeError: CUDA out of memory. Tried to " \
+                                       f"allocate 2.00 GiB"
+    finally:
+        for w in watches:
+            w.stop()
+
+
+_LOST_STORE = """
+import multiprocessing as mp, sys, time
+import torch.distributed as dist
+from litv2.engine.distributed import FailureWatch
+
+def host(port, ready):
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    ready.set()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    ready = mp.get_context("fork").Event()
+    p = mp.get_context("fork").Process(target=host, args=(port, ready), daemon=True)
+    p.start()
+    ready.wait(60)
+    watch = FailureWatch(dist.TCPStore("127.0.0.1", port, 2, is_master=False), rank=1, poll_s=0.2, grace_s=0.5)
+    p.kill()  # the store's host dies (rank 0 under srun, torchrun's agent)
+    print("killed", flush=True)
+    time.sleep(60)
+    print("still alive", flush=True)
+"""
+
+
+def test_a_rank_that_loses_the_rendezvous_store_ends(tmp_path):
+    """The store's host died (its node was lost): after a few polls in a row without it, the rank ends in one line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "lost_store.py"
+    script.write_text(_LOST_STORE)
+    proc = subprocess.run([sys.executable, str(script), str(port)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "killed" in proc.stdout and "still alive" not in proc.stdout, proc.stderr[-2000:]
+    assert "error: lost the job's rendezvous store" in proc.stderr and "rank 1 stopped too" in proc.stderr

@@ -174,26 +174,32 @@ class FailureWatch:
 
     def peer_failure(self) -> str | None:
         """A line naming another rank's failure, or the loss of the store; None if neither."""
+        news = self._read()
+        return None if news is None else news[1]
+
+    def _read(self):
         try:
             if not self.store.check(["failure"]):
                 return None
             news = json.loads(self.store.get("failure"))
         except Exception as e:
-            return f"lost the job's rendezvous store ({type(e).__name__}): the process that hosted it (rank 0 or " \
-                   f"torchrun's agent) has ended"
+            return "lost", f"lost the job's rendezvous store ({type(e).__name__}): the process that hosted it " \
+                           f"(rank 0 or torchrun's agent) has ended"
         if news["rank"] == self.rank:
             return None
-        return f"rank {news['rank']} (host {news['host']}) failed: {news['error']}"
+        return "failed", f"rank {news['rank']} (host {news['host']}) failed: {news['error']}"
 
     def _run(self):
+        unreachable = 0
         while not self._stop.wait(self.poll_s):
-            news = self.peer_failure()
-            if news is None:
+            news = self._read()
+            unreachable = unreachable + 1 if news is not None and news[0] == "lost" else 0
+            if news is None or 0 < unreachable < 3:  # the store must stay unreachable for 3 polls in a row
                 continue
             if self._stop.wait(self.grace_s):  # the main thread ended the rank on its own
                 return
             # (on a line of its own: a progress bar may hold the current one)
-            print(f"\nerror: {news}; rank {self.rank} stopped too", file=sys.stderr, flush=True)
+            print(f"\nerror: {news[1]}; rank {self.rank} stopped too", file=sys.stderr, flush=True)
             for fn in self.on_abort:
                 try:
                     fn()
