@@ -6,8 +6,8 @@ timm loads it, :func:`fetch` puts it in torch.hub's cache (``$TORCH_HOME/hub/che
 ``cache_dir=``) with timm's ``download_cached_file`` and a progress bar; a cached file is not downloaded again.
 What this adds to timm's path:
 
-* a download that fails (no network, an HTTP error) raises :class:`~litv2.errors.WeightsError`: one line that
-  names the URL and how to pass a local copy instead;
+* a download that fails (no network, an HTTP error, a server that stalls for ``timeout_s``) raises
+  :class:`~litv2.errors.WeightsError`: one line that names the URL and how to pass a local copy instead;
 * a file in the cache that does not load (a truncated or corrupt download: torch.hub moves whatever it received
   into the cache) is removed and raises :class:`~litv2.errors.WeightsError`, so the next call downloads it again.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +25,9 @@ import torch
 from litv2.errors import WeightsError
 
 __all__ = ["is_url", "weights_url", "cached_path", "fetch", "check_loadable", "loading"]
+
+# A download whose server sends nothing for this long (to connect, or mid-file) fails instead of hanging the job.
+DOWNLOAD_TIMEOUT_S = 60.0
 
 
 def is_url(location) -> bool:
@@ -53,16 +57,32 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def fetch(url: str, cache_dir=None, progress: bool = True, hint: str = "") -> Path:
+@contextmanager
+def _socket_timeout(seconds: float | None):
+    """torch.hub's download opens its connection without a timeout: give the sockets made meanwhile one."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def fetch(url: str, cache_dir=None, progress: bool = True, hint: str = "",
+          timeout_s: float | None = DOWNLOAD_TIMEOUT_S) -> Path:
     """The cached copy of ``url``, downloaded first if absent (timm's ``download_cached_file``: a temp file renamed
-    into the cache once complete). A failed download raises WeightsError naming the URL, followed by ``hint``."""
+    into the cache once complete). A failed download, or a server silent for ``timeout_s`` seconds, raises
+    WeightsError naming the URL, followed by ``hint``; nothing is left in the cache."""
     from timm.models._hub import download_cached_file
 
     try:
-        return Path(download_cached_file(url, check_hash=False, progress=progress, cache_dir=cache_dir))
+        with _socket_timeout(timeout_s):
+            return Path(download_cached_file(url, check_hash=False, progress=progress, cache_dir=cache_dir))
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError / HTTPError / socket errors are OSErrors
         hint = hint or "download the file yourself and pass its path instead"
-        raise WeightsError(f"cannot download {url} ({_reason(e)}); {hint}") from None
+        stalled = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+        why = f"the server sent nothing for {timeout_s:g} s" if stalled else _reason(e)
+        raise WeightsError(f"cannot download {url} ({why}); {hint}") from None
 
 
 def check_loadable(path: Path, url: str | None = None) -> dict:

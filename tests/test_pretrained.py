@@ -39,10 +39,12 @@ ALPHA_TABLE = [("litv2_s_alpha0", 0.0, 3.97, (0, 12)), ("litv2_s_alpha0_2", 0.2,
 
 class Release:
     """An HTTP server on 127.0.0.1 serving ``files`` (name -> bytes) and counting the requests per path.
-    ``truncate`` (a set of names): send the full Content-Length but only half the bytes, then hang up."""
+    ``truncate`` (a set of names): send the full Content-Length but only half the bytes, then hang up; ``stall``:
+    the same, then send nothing more until the server closes."""
 
     def __init__(self):
-        self.files, self.truncate, self.requests = {}, set(), []
+        self.files, self.truncate, self.stall, self.requests = {}, set(), set(), []
+        self.closing = threading.Event()
         release = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,7 +58,10 @@ class Release:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if name in release.truncate else body)
+                self.wfile.write(body[: len(body) // 2] if name in release.truncate | release.stall else body)
+                if name in release.stall:
+                    self.wfile.flush()
+                    release.closing.wait(120)
                 self.close_connection = True
 
             def log_message(self, *args):
@@ -70,6 +75,7 @@ class Release:
         return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
 
     def close(self):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -188,6 +194,27 @@ def test_a_corrupt_download_is_rejected_and_not_left_in_the_cache(fault, release
     release.files["alpha_0.5.pth"] = good
     _tiny_pretrained(release_tiny, url)  # the next call downloads it again
     assert release.requests == ["alpha_0.5.pth"] * 2
+
+
+def test_a_stalled_download_fails_after_the_timeout_and_caches_nothing(release, tmp_path):
+    """The server sends half the file, then nothing: the download fails after download_timeout_s, not never."""
+    from litv2 import hub
+
+    release.stall.add("alpha_0.5.pth")
+    url, outcome = release.url("alpha_0.5.pth"), []
+
+    def download():
+        try:
+            hub.fetch(url, progress=False, timeout_s=1.0)
+        except WeightsError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=download, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the download hangs"
+    assert outcome and outcome[0].startswith(f"cannot download {url} (the server sent nothing for 1 s)"), outcome
+    assert not _cache(tmp_path).exists() or not list(_cache(tmp_path).iterdir())
 
 
 @pytest.mark.parametrize("where", ["no server", "404"])

@@ -345,3 +345,40 @@ def test_train_and_eval_report_the_same_efficiency_figures(digits, tmp_path):
     assert summary["params"] == report["params"] and summary["gflops"] == report["gflops"]
     assert summary["train_mem_mb"] == report["train_mem_mb"] > 0
     assert summary["test_mem_mb"] == report["test_mem_mb"]
+
+
+def test_a_stop_signal_takes_effect_within_two_steps_not_at_the_next_log(digits, tmp_path, monkeypatch):
+    """SIGTERM during step 3 with log_every=100: the request rides on step 4's reduction, every rank reads it one
+    step later (no extra device wait), and the job saves and stops at step 5, not at the next log read."""
+    import os
+    import signal
+
+    import litv2.engine.trainer as trainer
+    from litv2.engine.signals import Preempted
+
+    real = trainer._optimizer_step
+
+    def signalled(run, found_inf):
+        if run.progress.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, found_inf)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", signalled)
+    with pytest.raises(Preempted, match="at step 5"):
+        train_in_process(["experiment=quickstart", f"data.root={digits}", "trainer.max_steps=60",
+                          "trainer.log_every=100", *TINY_LITV2, *FAST], tmp_path)
+    assert load_state(tmp_path / "last.pth")["progress"]["global_step"] == 5
+
+
+def test_the_ema_is_not_updated_on_a_skipped_step(digits, tmp_path, monkeypatch):
+    """trainer.on_nonfinite=skip: steps 4 and 5 are skipped on the device, and so is the EMA's update."""
+    common = ["experiment=quickstart", f"data.root={digits}", "trainer.on_nonfinite=skip", "trainer.ema.enabled=true",
+              "trainer.ema.decay=0.5", "trainer.log_every=10", "trainer.deterministic=true", *TINY_LITV2, *FAST]
+    train_in_process([*common, "trainer.max_steps=3"], tmp_path / "three")
+    _nan_after(3, monkeypatch)
+    summary = train_in_process([*common, "trainer.max_steps=5"], tmp_path / "five")
+    assert summary["skipped_steps"] == 2
+    three, five = load_state(tmp_path / "three" / "last.pth"), load_state(tmp_path / "five" / "last.pth")
+    weights = [k for k in three["model"] if "running_" not in k and "num_batches" not in k]  # (BN ran forward)
+    assert_same_tensors({k: three["model"][k] for k in weights}, {k: five["model"][k] for k in weights})
+    assert_same_tensors(three["ema"], five["ema"])

@@ -147,6 +147,18 @@ def optimizer_step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Ten
         optimizer.step()
 
 
+def grad_scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Whether the GradScaler skipped the step it just took for ``optimizer`` (inf / NaN gradients), as a 0-dim
+    tensor on the device (nonzero: skipped); call between ``scaler.step`` and ``scaler.update``. None where the
+    scaler's record of it is not available (one warning)."""
+    per_device = _lookup("the EMA leaving out the fp16 steps GradScaler skipped",
+                         lambda: getattr(scaler, "_found_inf_per_device", None))
+    if per_device is None:
+        return None
+    found = list(per_device(optimizer).values())
+    return torch.stack([f.reshape(()) for f in found]).sum() if found else None
+
+
 # ---- dynamo ---------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

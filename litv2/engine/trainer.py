@@ -404,11 +404,22 @@ class StepStats:
     it (a device collective: no wait for the host). ``window`` accumulates the interval: the loss over finite steps,
     finite and non-finite step counts, skipped images, the first non-finite step (+ 1; 0 = none), the last gradient
     norm and the stop request. :meth:`read` is the interval's one device -> host copy.
+
+    The stop request travels faster: each step's reduced flag is also copied to host memory without waiting, and
+    :meth:`stop_requested` reads the one of ``STOP_LAG`` steps back, waiting at most for that step to finish, not
+    for the steps queued after it. The flag is reduced over the ranks, so every rank stops at the same step.
     """
+
+    STOP_LAG = 1
 
     def __init__(self, device: torch.device):
         self.step = torch.zeros(4, device=device)
         self.window = torch.zeros(7, device=device)
+        on_cuda = device.type == "cuda"
+        self._stops = torch.zeros(self.STOP_LAG + 1, pin_memory=on_cuda)
+        self._stops_view = self._stops.numpy()  # (read through numpy: host memory, not a device read)
+        self._copied = [torch.cuda.Event() if on_cuda else None for _ in range(self.STOP_LAG + 1)]
+        self._recorded = 0
 
     def record(self, loss_sum: torch.Tensor, accum_steps: int, stop: bool, skipped: int, info: DistInfo):
         s = self.step
@@ -417,7 +428,21 @@ class StepStats:
         s[2].fill_(float(stop))
         s[3].fill_(float(skipped))
         all_reduce_sum(s, info)
+        slot = self._recorded % len(self._copied)
+        self._stops[slot].copy_(s[2], non_blocking=True)
+        if self._copied[slot] is not None:
+            self._copied[slot].record()
+        self._recorded += 1
         return (s[1] > 0).float()  # non-finite on any rank: every rank skips the optimizer step
+
+    def stop_requested(self) -> bool:
+        """Whether any rank had a stop request at the step ``STOP_LAG`` steps before the last one recorded."""
+        if self._recorded <= self.STOP_LAG:
+            return False
+        slot = (self._recorded - 1 - self.STOP_LAG) % len(self._copied)
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        return bool(self._stops_view[slot] > 0)
 
     def add(self, found_inf: torch.Tensor, grad_norm: torch.Tensor | None, global_step: int) -> None:
         w, s = self.window, self.step
@@ -441,8 +466,8 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
     """Optimizer steps from progress.step_in_epoch to the end of the epoch (or max_steps / a stop signal).
 
     The step path does not wait for the device: a step with a non-finite loss is skipped on the device, and the
-    figures a step reports are read once per log interval (and before a checkpoint), where a stop signal or a
-    non-finite loss (trainer.on_nonfinite=stop) then takes effect."""
+    figures a step reports are read once per log interval (and before a checkpoint), where a non-finite loss
+    (trainer.on_nonfinite=stop) then takes effect. A stop signal takes effect within StepStats.STOP_LAG steps."""
     t, p, info = run.cfg.trainer, run.progress, run.info
     run.train_model.train()
     batches = iter(run.train_loader)
@@ -459,8 +484,9 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
             window_images += images_seen * info.world_size
             bar.update(1)
             checkpoint_due = t.ckpt_every_steps and p.global_step % t.ckpt_every_steps == 0
+            stop_due = stats.stop_requested()  # a signal takes effect within STOP_LAG steps, not at the next log
             if not (p.global_step % t.log_every == 0 or p.step_in_epoch == run.steps_per_epoch
-                    or p.global_step >= max_steps or checkpoint_due):
+                    or p.global_step >= max_steps or checkpoint_due or stop_due):
                 continue
             window = stats.read(info.world_size)
             if run.lease is not None:
@@ -468,7 +494,7 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
             _account_nonfinite(run, window)
             _log_step(run, bar, window, window_images / max(time.time() - window_start, 1e-9))
             window_images, window_start = 0, time.time()
-            if window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops here
+            if stop_due or window["stop"]:  # SIGTERM / SIGUSR1 / SIGUSR2 on any rank: every rank saves and stops
                 save(run, ckpt.LAST, keep_previous=ckpt.PREV)
                 signum = run.stop.requested or signal.SIGTERM
                 raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
@@ -526,24 +552,48 @@ def _backward_without_images(run: Run) -> None:
 
 
 def _optimizer_step(run: Run, found_inf: torch.Tensor) -> torch.Tensor | None:
-    """Clip, step (skipped on the device where ``found_inf``), update the EMA, zero the gradients; returns the
-    gradient norm before clipping as a device tensor, or None without clipping. fp16: GradScaler skips steps whose
-    gradients overflow (a non-finite loss has non-finite gradients), as it does anyway."""
+    """Clip, step (skipped on the device where ``found_inf``), update the EMA (not after a skipped step), zero the
+    gradients; returns the gradient norm before clipping as a device tensor, or None without clipping. fp16:
+    GradScaler skips steps whose gradients overflow (a non-finite loss has non-finite gradients), as it does
+    anyway."""
     from litv2.accel import _internals
 
-    grad_norm = None
+    grad_norm, skipped = None, found_inf
     if run.cfg.optim.clip_grad:
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
     if run.scaler.is_enabled():
         run.scaler.step(run.optimizer)
+        overflow = _internals.grad_scaler_found_inf(run.scaler, run.optimizer) if run.ema is not None else None
+        if overflow is not None:
+            skipped = torch.clamp(found_inf + overflow.to(found_inf.dtype), max=1.0)
         run.scaler.update()
     else:
         _internals.optimizer_step_unless(run.optimizer, found_inf)
     _zero_grad(run)
-    if run.ema is not None:  # (after a skipped step: towards the unchanged weights)
-        run.ema.update(run.model, step=run.progress.global_step)
+    if run.ema is not None:
+        _update_ema(run, skipped)
     return grad_norm
+
+
+@torch.no_grad()
+def _update_ema(run: Run, skipped: torch.Tensor) -> None:
+    """timm's ModelEmaV3 step towards the weights, decided on the device: after a skipped optimizer step (``skipped``
+    nonzero) the EMA, its buffers included, stays as it was."""
+    ema, keep = run.ema, (skipped <= 0)
+    weight = keep.float() * (1.0 - ema.get_decay(run.progress.global_step))
+    pairs = zip(ema.module.state_dict().values(), run.model.state_dict().values())
+    if ema.exclude_buffers:
+        pairs = zip(ema.module.parameters(), run.model.parameters())
+    floats = [], []
+    for e, m in pairs:
+        if e.is_floating_point():
+            floats[0].append(e)
+            floats[1].append(m)
+        else:
+            e.copy_(torch.where(keep, m, e))
+    if floats[0]:
+        torch._foreach_lerp_(floats[0], floats[1], weight.to(floats[0][0].dtype))
 
 
 def _zero_grad(run: Run) -> None:

@@ -49,11 +49,11 @@ def pretrained_url(cfg) -> str | None:
     return hub.weights_url(pcfg.to_dict())
 
 
-def local_copy(location: str, kind: str) -> Path:
+def local_copy(location: str, kind: str, timeout_s: float | None = hub.DOWNLOAD_TIMEOUT_S) -> Path:
     """A checkpoint location as a local file: a URL is fetched into the cache (once) and checked to load."""
     if not hub.is_url(location):
         return Path(location)
-    path = hub.fetch(location, hint=_hint(kind, location))
+    path = hub.fetch(location, hint=_hint(kind, location), timeout_s=timeout_s)
     hub.check_loadable(path, location)
     return path
 
@@ -67,6 +67,7 @@ def fetch_start_weights(cfg, command: str = "train") -> Path | None:
         pretrained, location, kind = bool(cfg.model.get("pretrained", False)), cfg.trainer.init_from, "init_from"
     else:
         pretrained, location, kind = eval_pretrained(cfg), cfg.get("checkpoint"), "checkpoint"
+    timeout_s = cfg.trainer.get("download_timeout_s", hub.DOWNLOAD_TIMEOUT_S)
     if pretrained and location is not None:
         key = "trainer.init_from" if command == "train" else "checkpoint"
         raise UserError(f"{'model.' if command == 'train' else ''}pretrained=true and {key}={location} both give the "
@@ -74,12 +75,13 @@ def fetch_start_weights(cfg, command: str = "train") -> Path | None:
     if pretrained:
         url = pretrained_url(cfg)
         if url is not None:
-            path = hub.fetch(url, hint=_hint("pretrained" if command == "train" else "eval_pretrained", url))
+            path = hub.fetch(url, hint=_hint("pretrained" if command == "train" else "eval_pretrained", url),
+                             timeout_s=timeout_s)
             check_fits(cfg, hub.check_loadable(path, url), url)
         return None
     if location is None:
         return None
-    path = local_copy(str(location), kind)
+    path = local_copy(str(location), kind, timeout_s)
     if command == "train":  # eval.py reads its checkpoint (and the run config in it) itself, next
         state = load_file(path)
         check_fits(cfg, state["model"] if state.get("format") == FORMAT else state, location)
