@@ -272,3 +272,35 @@ def test_no_rank_returns_from_a_save_before_rank_0_has_written_it(tmp_path):
                        start_method="fork")
     assert (tmp_path / "last.pth").exists()
     assert results[1] >= results["written"] and results[0] >= results["written"]
+
+
+def _ordered_mean_on_rank(rank, world_size, store_path, results):
+    import torch.distributed as dist
+
+    from litv2.engine.distributed import rank_ordered_mean
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"file://{store_path}")
+    try:
+        # values whose float32 sum depends on the order: 1e8 + 1 - 1e8 + 1 is 1 summed left to right, 2 exactly
+        grads = [torch.tensor([1e8, 3.0]), torch.tensor([1.0, 1e-7]), torch.tensor([-1e8, 7.0]), torch.tensor([1.0, 0.5])]
+
+        class Bucket:
+            def buffer(self):
+                return grads[rank].clone()
+
+        results[rank] = rank_ordered_mean(None, Bucket()).wait().tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_deterministic_gradient_mean_sums_in_rank_order_on_every_rank(tmp_path):
+    """trainer.deterministic with more than two ranks reduces gradients with this hook: the same sum, in rank order,
+    wherever an element falls in DDP's buckets (a ring all-reduce's order depends on that)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.start_processes(_ordered_mean_on_rank, args=(4, str(tmp_path / "store"), results), nprocs=4,
+                       start_method="fork")
+    g = [torch.tensor([1e8, 3.0]), torch.tensor([1.0, 1e-7]), torch.tensor([-1e8, 7.0]), torch.tensor([1.0, 0.5])]
+    expected = (((g[0] + g[1]) + g[2]) + g[3]).div(4).tolist()
+    assert [results[r] for r in range(4)] == [expected] * 4

@@ -117,8 +117,20 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size,
                                 device_id=dev if use_cuda else None, timeout=timeout)
         global _watch
-        _watch = FailureWatch(store, rank)
+        _watch = FailureWatch(_watch_client(store), rank)
     return DistInfo(rank, local_rank, world_size, dev)
+
+
+def _watch_client(store):
+    """A connection of the failure watch's own to the rendezvous store, with a short timeout: a store whose host
+    vanished (no connection closed) must not keep the watch waiting for the whole collective timeout."""
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=FailureWatch.STORE_TIMEOUT_S),
+                             wait_for_workers=False)
+    except Exception as e:  # (not a TCP store: share the rendezvous store's connection)
+        log.debug("failure watch on the rendezvous store's connection (%s)", e)
+        return store
 
 
 def cleanup(completed: bool = True):
@@ -141,6 +153,15 @@ class RankFailed(Exception):
     error (its traceback is in that rank's output)."""
 
 
+def collective_error(e: BaseException) -> bool:
+    """Whether ``e`` is a collective or the store failing (a lost peer, a timeout), not this rank's own fault."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed by peer",
+                                                                   "Connection reset by peer", "Timed out waiting"))
+
+
 class FailureWatch:
     """News of a failed rank, out of band: through the job's rendezvous store, not the collectives.
 
@@ -148,10 +169,14 @@ class FailureWatch:
     ``trainer.dist_timeout_s`` (NCCL), or sit wherever they are (a long validation) until a launcher kills them,
     and srun does not. So a rank that fails says so in the store first (:meth:`announce`), and a thread on every
     rank polls the store every ``poll_s``: on another rank's failure, or when the store itself is gone (its host,
-    rank 0 or torchrun's agent, died), it gives the main thread ``grace_s`` to end on its own (gloo collectives
+    rank 0 or torchrun's agent, died: ``LOST_AFTER`` polls in a row that got no answer within ``STORE_TIMEOUT_S``),
+    it gives the main thread ``grace_s`` to end on its own (gloo collectives
     fail at once when a peer's connection closes), then prints one line and ends the process, loader workers
     included. The keys carry torchrun's restart count: an elastic restart does not see the last attempt's news.
     """
+
+    STORE_TIMEOUT_S = 3.0  # one poll's longest wait for the store
+    LOST_AFTER = 3         # polls in a row without the store before it counts as lost
 
     def __init__(self, store, rank: int, poll_s: float = 1.0, grace_s: float = 5.0):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -162,13 +187,34 @@ class FailureWatch:
         self._thread = threading.Thread(target=self._run, name="litv2-failure-watch", daemon=True)
         self._thread.start()
 
+    def _call(self, fn, *args):
+        """``fn(*args)``, given up after ``STORE_TIMEOUT_S`` with TimeoutError: a store whose host vanished without
+        closing its connections never answers, and TCPStore's own timeout does not cover that (the call is left to
+        its daemon thread)."""
+        box = {}
+
+        def call():
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001  (handed to the caller)
+                box["error"] = e
+
+        thread = threading.Thread(target=call, name="litv2-store-call", daemon=True)
+        thread.start()
+        thread.join(self.STORE_TIMEOUT_S)
+        if thread.is_alive():
+            raise TimeoutError(f"no answer within {self.STORE_TIMEOUT_S:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def announce(self, exc: BaseException) -> None:
         """Tell the other ranks that this one failed with ``exc`` (the first failure of the job is kept)."""
         what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
         try:
-            if self.store.add("failures", 1) == 1:
-                self.store.set("failure", json.dumps({"rank": self.rank, "host": socket.gethostname(),
-                                                      "error": what}))
+            if self._call(self.store.add, "failures", 1) == 1:
+                self._call(self.store.set, "failure", json.dumps({"rank": self.rank, "host": socket.gethostname(),
+                                                                  "error": what}))
         except Exception:  # the store is gone too: the others learn it from that
             pass
 
@@ -179,12 +225,12 @@ class FailureWatch:
 
     def _read(self):
         try:
-            if not self.store.check(["failure"]):
+            if not self._call(self.store.check, ["failure"]):
                 return None
-            news = json.loads(self.store.get("failure"))
+            news = json.loads(self._call(self.store.get, "failure"))
         except Exception as e:
-            return "lost", f"lost the job's rendezvous store ({type(e).__name__}): the process that hosted it " \
-                           f"(rank 0 or torchrun's agent) has ended"
+            return "lost", f"lost the job's rendezvous store ({type(e).__name__}: {e}): the process that hosted it " \
+                           f"(rank 0 or torchrun's agent) or its node has gone"
         if news["rank"] == self.rank:
             return None
         return "failed", f"rank {news['rank']} (host {news['host']}) failed: {news['error']}"
@@ -194,7 +240,7 @@ class FailureWatch:
         while not self._stop.wait(self.poll_s):
             news = self._read()
             unreachable = unreachable + 1 if news is not None and news[0] == "lost" else 0
-            if news is None or 0 < unreachable < 3:  # the store must stay unreachable for 3 polls in a row
+            if news is None or 0 < unreachable < self.LOST_AFTER:  # unreachable for LOST_AFTER polls in a row
                 continue
             if self._stop.wait(self.grace_s):  # the main thread ended the rank on its own
                 return
@@ -265,6 +311,26 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo):
     if info.distributed:
         dist.barrier()
+
+
+def rank_ordered_mean(state, bucket):
+    """DDP communication hook: each gradient's mean over the ranks, summed in rank order (an all-gather, then the
+    sum here). An all-reduce over more than two ranks sums an element in an order that depends on where it falls
+    in its bucket, and DDP lays its buckets out again after a process's first step: a resumed run would round its
+    first step differently from an uninterrupted one. ``state``: the process group, or None for all ranks."""
+    group = state if state is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    grad = bucket.buffer()
+    parts = [torch.empty_like(grad) for _ in range(world)]
+    gathered = dist.all_gather(parts, grad, group=group, async_op=True).get_future()
+
+    def mean(_):
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total.add_(part)
+        return total.div_(world)
+
+    return gathered.then(mean)
 
 
 def sync_buffers(model: torch.nn.Module, info: DistInfo):

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .builders import apply_accel, apply_process_settings, build_model, build_optimizer, build_scheduler, \
     check_config, lr_scale, process_settings, tf32_enabled
 from .distributed import (DistInfo, RankFailed, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
-                          failure_watch, init_distributed, sync_buffers)
+                          collective_error, failure_watch, init_distributed, rank_ordered_mean, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
 from .lease import RunDirBusy, RunDirLease
 from .signals import Interrupted, Preempted, StopOnSignal
@@ -128,6 +128,11 @@ def _failure(e: BaseException, run: Run | None, info: DistInfo) -> BaseException
         news = watch.peer_failure()
         if news is not None:
             return RankFailed(f"{news}; rank {info.rank} stopped too")
+        if collective_error(e):  # a peer vanished without a word (its node died, it was killed)
+            watch.announce(e)
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return RankFailed(f"rank {info.rank}: a collective failed ({what}): another rank's process or node is "
+                              f"gone or stuck, and none reported an error")
     if watch is not None:
         watch.announce(e)
     if isinstance(e, KeyboardInterrupt):
@@ -308,6 +313,8 @@ def _wrap_for_training(model, cfg, info: DistInfo):
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
+        if cfg.trainer.deterministic and info.world_size > 2:  # bit-exact resume (two ranks sum commutatively)
+            train_model.register_comm_hook(None, rank_ordered_mean)
     if cfg.trainer.compile:
         # Static shapes: a new input shape compiles a new graph instead of switching to symbolic sizes; with a
         # symbolic image size inductor fails to lower LITv2 ("cannot determine truth value").
