@@ -111,7 +111,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(timeout_s)) if timeout_s is not None \
             else dist.constants.default_pg_timeout
-        # the env:// rendezvous init_process_group would do, with the store kept for the failure watch
+        # the env:// rendezvous init_process_group would do (its store: the failure watch's fallback)
         store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
         store.set_timeout(timeout)
         dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size,

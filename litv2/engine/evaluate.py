@@ -136,7 +136,7 @@ def run_eval(cfg) -> dict:
     from litv2.data import dataset_root
 
     from .builders import apply_process_settings, check_config, process_settings
-    from .distributed import init_distributed
+    from .distributed import cleanup, init_distributed
 
     check_config(cfg, training=False)
     pretrained = eval_pretrained(cfg) and not cfg.profile_only
@@ -154,10 +154,18 @@ def run_eval(cfg) -> dict:
                      "(use_run_config=false to use the command line's)")
             check_config(cfg, training=False)
     root = None if cfg.profile_only else dataset_root(cfg.data, splits=("val",))
+    owns_group = not torch.distributed.is_initialized()
     info = init_distributed(cfg.trainer.device)
-    with process_settings():
-        apply_process_settings(cfg, info.device)  # as in training: cuDNN autotuning, TF32, malloc
-        return _run_eval(cfg, state, checkpoint, pretrained, root, info)
+    completed = False
+    try:
+        with process_settings():
+            apply_process_settings(cfg, info.device)  # as in training: cuDNN autotuning, TF32, malloc
+            results = _run_eval(cfg, state, checkpoint, pretrained, root, info)
+        completed = True
+        return results
+    finally:
+        if owns_group:
+            cleanup(completed)
 
 
 def _run_eval(cfg, state, checkpoint, pretrained: bool, root, info) -> dict:
