@@ -178,12 +178,26 @@ def source_keys(datasets: dict, seed: int = 0) -> dict:
     return keys
 
 
+def _read_bytes(dataset, index: int) -> bytes:
+    from litv2.data.shards import ShardDataset
+
+    if isinstance(dataset, ShardDataset):
+        return dataset.reader.read(index)["image"]
+    with open(dataset.samples[index][0], "rb") as f:
+        return f.read()
+
+
 def rates_by_source(datasets: dict, seconds: float, rounds: int) -> dict:
-    """Per-worker images/s of each dataset (one thread), the sources alternating in ``rounds`` rounds (median), and
-    the files each opened per 10,000 samples."""
+    """Per-worker images/s of each dataset (one thread), the sources alternating in ``rounds`` rounds: the median
+    rate and the median of each round's ratio to the first source; the files each opened per 10,000 samples (chunk
+    readers start with no file open); and the rate of reading the bytes alone."""
     keys = source_keys(datasets)
+    for ds in datasets.values():
+        if hasattr(ds, "reader"):
+            ds.reader.close()
     done = {name: 0 for name in datasets}
     rates, opens, taken = {n: [] for n in datasets}, {n: 0 for n in datasets}, {n: 0 for n in datasets}
+    reads = {n: [] for n in datasets}
     for _ in range(rounds):
         for name, ds in datasets.items():
             with OpenCounter() as counter:
@@ -195,8 +209,15 @@ def rates_by_source(datasets: dict, seconds: float, rounds: int) -> dict:
                 rates[name].append(n / (time.perf_counter() - start))
             opens[name] += counter.count
             taken[name] += n
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 0.1 * seconds / rounds:
+                _read_bytes(ds, keys[name][(done[name] + n) % len(keys[name])][0])
+                n += 1
+            reads[name].append(n / (time.perf_counter() - start))
+    first = next(iter(datasets))
     return {n: {"per_worker": statistics.median(r), "opens_per_10k": 1e4 * opens[n] / max(taken[n], 1),
-                "samples": taken[n]} for n, r in rates.items()}
+                "samples": taken[n], "read_only": statistics.median(reads[n]),
+                "ratio": statistics.median(x / y for x, y in zip(r, rates[first]))} for n, r in rates.items()}
 
 
 def convert_rate(root: Path, dst: Path, workers: int, chunk_mb: float, resize=None) -> float:
@@ -326,12 +347,17 @@ def main(argv=None) -> dict:
           f"{len(dataset)} JPEGs of {mean_kb:.0f} kB on average")
     print("| measurement | images/s |\n|---|---|")
     if by_source:
-        base = by_source.get("folder", {}).get("per_worker")
+        first = next(iter(by_source))
         for name, r in by_source.items():
-            ratio = f", {r['per_worker'] / base:.2f}x folder" if base else ""
-            print(f"| 1 worker, decode + augment from {name} | {r['per_worker']:.1f}{ratio} |")
+            print(f"| 1 worker, decode + augment from {name} | {r['per_worker']:.1f} ({r['ratio']:.2f}x {first}, "
+                  f"median of {args.rounds} rounds' ratios) |")
         for name, r in by_source.items():
-            print(f"| files opened per 10,000 samples, {name} ({r['samples']} samples) | {r['opens_per_10k']:.1f} |")
+            print(f"| reading the bytes alone, {name} | {r['read_only']:.0f} |")
+        for name, r in by_source.items():
+            chunks = getattr(datasets[name], "chunk_sizes", None)
+            where = f", {len(chunks)} chunks of ~{sum(chunks) // len(chunks)} records" if chunks else ""
+            print(f"| files opened per 10,000 samples, {name} ({r['samples']} samples{where}) | "
+                  f"{r['opens_per_10k']:.1f} |")
         for (name, w), r in conversions.items():
             print(f"| conversion to {name}, {w} worker(s) | {r:.1f} ({r / w:.1f} per worker) |")
     else:
