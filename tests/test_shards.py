@@ -51,22 +51,23 @@ def test_window_order_is_a_seeded_permutation_read_a_window_of_chunks_at_a_time(
     assert len(set(head)) > 1 and head != sorted(head)
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3), (4, 2)])
-def test_chunk_sampler_resumed_at_another_world_size_takes_every_record_once(before, after):
-    """The trainer's contract (trainer.fit, _map_position): ``start`` = samples this rank has taken; rank r takes
-    positions r, r + W, ... of one global order, so a resume at another world size continues after them."""
+@pytest.mark.parametrize("before,after,steps", [(2, 1, 3), (1, 2, 4), (2, 3, 3), (4, 2, 3)])
+def test_chunk_sampler_resumed_at_another_world_size_takes_every_record_once(before, after, steps):
+    """The trainer's contract (trainer.fit, _map_position): ``start`` = samples this rank has taken; a step of W ranks
+    consumes the next W x step_samples positions of one global order, so a resume at another world size continues
+    after the samples seen."""
     from litv2.data import ChunkWindowSampler
 
-    sizes = [13] * 9 + [5]  # 122 records
-    one = list(ChunkWindowSampler(sizes, seed=3, window=4))
+    sizes, b = [13] * 9 + [5], 4  # 122 records; 4 samples per rank per step
+    one = list(ChunkWindowSampler(sizes, seed=3, window=4, run=3))
     assert sorted(i for i, _ in one) == list(range(122))
-    per_rank_before = 12  # 12 samples taken by each of `before` ranks
-    first = [list(ChunkWindowSampler(sizes, r, before, seed=3, window=4))[:per_rank_before] for r in range(before)]
-    seen = per_rank_before * before
-    assert seen % after == 0
+    first = [list(ChunkWindowSampler(sizes, r, before, seed=3, window=4, run=3, step_samples=b))[:steps * b]
+             for r in range(before)]
+    seen = steps * b * before
+    assert seen % (after * b) == 0
     rest = []
     for r in range(after):
-        s = ChunkWindowSampler(sizes, r, after, seed=3, window=4)
+        s = ChunkWindowSampler(sizes, r, after, seed=3, window=4, run=3, step_samples=b)
         s.set_epoch(0, start=seen // after)
         assert len(s) == 122 // after - seen // after
         rest.append(list(s))
@@ -75,9 +76,46 @@ def test_chunk_sampler_resumed_at_another_world_size_takes_every_record_once(bef
     assert max(counts.values()) == 1 and len(counts) == 122 - 122 % after  # the tail a world size drops
     seeds = dict(one)
     assert all(seeds[i] == seed for i, seed in taken), "a record's augmentation seed does not depend on the ranks"
-    # every rank steps in lockstep and the union of a step is a contiguous run of the global order
-    assert [x for pair in zip(*[list(ChunkWindowSampler(sizes, r, 2, seed=3, window=4)) for r in range(2)])
-            for x in pair] == one[:122]
+    # a step of 2 ranks = the next 8 positions of the single-process order, rank 0's block first
+    two = [list(ChunkWindowSampler(sizes, r, 2, seed=3, window=4, run=3, step_samples=b)) for r in range(2)]
+    assert [x for k in range(122 // 8) for r in range(2) for x in two[r][k * b:(k + 1) * b]] == one[:122 // 8 * 8]
+
+
+def _opens(keys_of_worker, chunk_of, lru: int) -> int:
+    from collections import OrderedDict
+
+    open_, n = OrderedDict(), 0
+    for i in keys_of_worker:
+        c = chunk_of(i)
+        if c in open_:
+            open_.move_to_end(c)
+        else:
+            n += 1
+            open_[c] = True
+            if len(open_) > lru:
+                open_.popitem(last=False)
+    return n
+
+
+def test_a_worker_opens_few_chunks_per_sample_at_any_scale():
+    """ImageNet's layout (2,200 chunks of 582 records), 64 ranks x 8 loader workers x batch 128: a worker's batches
+    come from contiguous runs of the order, so it opens a few chunks per batch, not (as with a shuffled window dealt
+    out round-robin to 512 readers) nearly one per sample."""
+    import bisect as bisect_
+
+    from litv2.data import ChunkWindowSampler
+
+    sizes = [582] * 2200
+    starts = [582 * c for c in range(2200)]
+    chunk_of = lambda i: bisect_.bisect_right(starts, i) - 1  # noqa: E731
+    ranks, workers, batch = 64, 8, 128
+    mine = list(ChunkWindowSampler(sizes, 5, ranks, seed=0, window=8, run=32, step_samples=batch))
+    worker_0 = [i for k in range(0, len(mine) // batch, workers) for i, _ in mine[k * batch:(k + 1) * batch]]
+    per_10k = 1e4 * _opens(worker_0, chunk_of, lru=16) / len(worker_0)
+    assert len(worker_0) >= 2_500 and per_10k < 400  # about 4 chunks per batch of 128 (runs of 32); measured 309
+    dealt = ChunkWindowSampler(sizes, seed=0, window=8, run=1)
+    order = dealt.global_order(torch.Generator().manual_seed(0))[5 * 8 + 0::ranks * workers][:len(worker_0)]
+    assert 1e4 * _opens(order.tolist(), chunk_of, lru=16) / len(order) > 5000  # measured 6,230
 
 
 # ---- reading records ---------------------------------------------------------------------------------------------
@@ -125,9 +163,9 @@ def test_a_reader_keeps_its_chunk_files_open(digit_shards, monkeypatch):
     chunks = len(ds.chunk_sizes)
     assert chunks >= 15 and len([p for p in opened if p.endswith(".bin")]) == chunks == ds.reader.opens
     opened.clear()
-    ds.reader.max_open = 1  # a window of 4 chunks through one handle: every change of chunk is an open
+    ds.reader.max_open = 1  # records of a window of 4 chunks one by one through one handle: 3 in 4 are an open
     ds.reader.close()
-    for key in list(sampler)[:200]:
+    for key in list(ChunkWindowSampler(ds.chunk_sizes, seed=0, window=4, run=1))[:200]:
         ds[key]
     assert len(opened) > 100
 

@@ -185,7 +185,8 @@ def build_train_loader(cfg, root, rank: int = 0, world_size: int = 1, device="cp
         raise UserError(f"the training set ({len(ds)} images) is smaller than one global batch "
                         f"({world_size} x data.batch_size={cfg.data.batch_size})")
     if isinstance(ds, ShardDataset):  # the same order contract, over chunk windows
-        sampler = ChunkWindowSampler(ds.chunk_sizes, rank, world_size, seed=cfg.seed, window=cfg.data.shuffle_window)
+        sampler = ChunkWindowSampler(ds.chunk_sizes, rank, world_size, seed=cfg.seed, window=cfg.data.shuffle_window,
+                                     run=cfg.data.run_length, step_samples=cfg.data.batch_size * cfg.trainer.accum_steps)
     else:
         sampler = ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
     loader = _loader(cfg.data, ds, sampler, drop_last=True, persistent=bool(cfg.data.persistent_workers))
