@@ -123,7 +123,7 @@ def _epoch_ids(log_dir: Path, upto_step: int | None = None) -> dict[int, list[in
 def test_a_resume_at_another_world_size_trains_on_every_record_once(shards, tmp_path, before, after, stop):
     """Epoch 1 stopped after ``stop`` steps at one world size and resumed (trainer.resume=<last.pth>) at another,
     2 loader workers per rank; the records each rank trained on, as recorded at each optimizer step, cover the 160
-    records of the epoch exactly once, and epoch 2 again."""
+    records of the epoch exactly once, and epoch 2 again; validation counts every val image once."""
     args = [*DDP, f"data.root={shards}", "data.num_workers=2", "trainer.epochs=2"]
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
@@ -140,6 +140,9 @@ def test_a_resume_at_another_world_size_trains_on_every_record_once(shards, tmp_
     assert sorted(b[1]) == list(range(160)), "epoch 2: every record once"
     summary = json.loads(next((tmp_path / "b").rglob("summary.json")).read_text())
     assert summary["world_size"] == after and summary["steps"] == 2 * 160 // (8 * after)
+    for leg in ("a", "b"):  # validation counts each of the 21 val images once at 1 and at 2 ranks
+        assert {r["val/images"] for r in metrics_rows(next((tmp_path / leg).rglob("metrics.jsonl")).parent,
+                                                      "val/images")} == {21}
 
 
 def test_a_conversion_killed_with_kill9_then_rerun_is_complete(tmp_path):
