@@ -77,3 +77,14 @@ def tmpfs(tmp_path):
         yield fs
     finally:
         fs.unmount_all()
+
+
+@pytest.fixture(scope="session")
+def digit_shards(digits, tmp_path_factory):
+    """The digits converted into LitData chunks by data/make_shards.py's code (small chunks: about 20 train chunks
+    of about 70 records), built once per test session."""
+    from litv2.data.convert import convert
+
+    dst = tmp_path_factory.mktemp("shards") / "digits"
+    convert(digits, dst, chunk_mb=0.1, workers=2, seed=0)
+    return dst

@@ -35,6 +35,21 @@ def test_benchmark_data_smoke():
     assert torch.get_num_threads() == threads  # the single-threaded worker measurement is undone
 
 
+def test_benchmark_data_times_shards_against_the_image_folder():
+    """--source folder,shards: the same JPEGs read from a folder and from chunks (and pre-resized), files opened per
+    10,000 samples, the conversion rate."""
+    bench = runpy.run_path(str(REPO / "scripts" / "benchmark_data.py"))
+    result = bench["main"](["--images", "12", "--jpeg-size", "96x72", "--seconds", "0.6", "--rounds", "2",
+                            "--workers", "0", "--batches", "1", "--batch-size", "4", "--source", "folder,shards",
+                            "--chunk-mb", "0.1", "--resize", "48", "--convert-workers", "1"])
+    sources = result["sources"]
+    assert set(sources) == {"folder", "shards", "shards, resized to 48"}
+    assert all(r["per_worker"] > 0 for r in sources.values())
+    assert sources["folder"]["opens_per_10k"] >= 9_000  # one open per sample
+    assert sources["shards"]["opens_per_10k"] < 2_000  # 12 JPEGs in 2 or 3 chunks, kept open
+    assert set(result["conversion"]) == {"shards, 1 worker(s)", "shards, resized to 48, 1 worker(s)"}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="NVIDIA DALI is not installed")
 def test_benchmark_data_times_dali_on_cpu():
     bench = runpy.run_path(str(REPO / "scripts" / "benchmark_data.py"))

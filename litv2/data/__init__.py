@@ -1,4 +1,4 @@
-"""Data: datasets (ImageFolder / digits / synthetic), timm transforms and Mixup, loaders."""
+"""Data: datasets (ImageFolder / LitData chunks / digits / synthetic), timm transforms and Mixup, loaders."""
 from .builder import (DatasetIndex, build_eval_loader, build_mixup_and_criterion, build_train_loader, build_transform,
                       dataset_index, dataset_root)
 from .datasets import (
@@ -9,4 +9,5 @@ from .datasets import (
     list_image_folder,
     prepare_digits,
 )
-from .samplers import ResumableSampler, ShardSampler
+from .samplers import ChunkWindowSampler, ResumableSampler, ShardSampler
+from .shards import ChunkReader, ShardDataset, ShardSource, open_shards, read_manifest

@@ -17,7 +17,8 @@ from litv2.errors import UserError
 from .datasets import (RobustImageFolder, SyntheticDataset, check_image_folder, collate_skip_corrupt, list_image_folder,
                        prepare_digits)
 from .device import DeviceLoader, ToUint8HWC
-from .samplers import ResumableSampler, ShardSampler
+from .samplers import ChunkWindowSampler, ResumableSampler, ShardSampler
+from .shards import ShardDataset, ShardSource, open_shards
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ class DatasetIndex:
     files: dict
 
 
-def dataset_index(data_cfg, splits=("train", "val")) -> DatasetIndex | None:
+def dataset_index(data_cfg, splits=("train", "val")) -> DatasetIndex | ShardSource | None:
     """The dataset's root and image files, listed once and checked (building the digits on first use); None for
     synthetic data. The trainer builds it on rank 0 and sends it to the other ranks, so a 1.3M-image ImageNet
-    tree is listed once per job, not twice on every rank.
+    tree is listed once per job, not twice on every rank. Converted chunks (data=shards) are not listed: their
+    manifest is read and checked (:func:`litv2.data.shards.open_shards`).
 
     Raises UserError, naming the path and the expected layout, if the tree is missing or malformed.
     """
@@ -40,6 +42,8 @@ def dataset_index(data_cfg, splits=("train", "val")) -> DatasetIndex | None:
         return None
     if data_cfg.root is None:
         raise UserError(f"data.root is not set for data={data_cfg.name}")
+    if data_cfg.name == "shards":
+        return open_shards(data_cfg, splits)
     root = Path(str(data_cfg.root)).expanduser()
     if data_cfg.name == "digits":
         prepare_digits(root)
@@ -48,10 +52,11 @@ def dataset_index(data_cfg, splits=("train", "val")) -> DatasetIndex | None:
     return DatasetIndex(root, listing)
 
 
-def dataset_root(data_cfg, splits=("train", "val")) -> Path | None:
-    """Where the ImageFolder tree is (checked as by :func:`dataset_index`); None for synthetic data."""
+def dataset_root(data_cfg, splits=("train", "val")) -> Path | ShardSource | None:
+    """Where the ImageFolder tree is (checked as by :func:`dataset_index`), the converted dataset (data=shards), or
+    None for synthetic data."""
     index = dataset_index(data_cfg, splits)
-    return None if index is None else index.root
+    return index.root if isinstance(index, DatasetIndex) else index
 
 
 def build_transform(data_cfg, aug_cfg, is_training: bool):
@@ -81,11 +86,13 @@ def _device_loader(loader, data_cfg, device, aug_cfg=None) -> DeviceLoader:
 
 
 def _dataset(data_cfg, aug_cfg, root, split: str, is_training: bool):
-    """``root``: a DatasetIndex (its listing is used) or the tree's path (listed here)."""
+    """``root``: a DatasetIndex (its listing is used), the tree's path (listed here) or a ShardSource."""
     if data_cfg.name == "synthetic":
         size = data_cfg.train_size if split == "train" else data_cfg.val_size
         return SyntheticDataset(size, data_cfg.img_size, data_cfg.num_classes)
     transform = build_transform(data_cfg, aug_cfg, is_training)
+    if isinstance(root, ShardSource):
+        return ShardDataset(root, split, transform, max_open=data_cfg.get("open_chunks", 16))
     if isinstance(root, DatasetIndex):
         return RobustImageFolder(str(root.root / split), transform=transform, files=root.files[split])
     return RobustImageFolder(str(root / split), transform=transform)
@@ -177,7 +184,11 @@ def build_train_loader(cfg, root, rank: int = 0, world_size: int = 1, device="cp
     if len(ds) < world_size * cfg.data.batch_size:
         raise UserError(f"the training set ({len(ds)} images) is smaller than one global batch "
                         f"({world_size} x data.batch_size={cfg.data.batch_size})")
-    sampler = ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
+    if isinstance(ds, ShardDataset):  # the same order contract, over chunk windows
+        sampler = ChunkWindowSampler(ds.chunk_sizes, rank, world_size, seed=cfg.seed, window=cfg.data.shuffle_window,
+                                     run=cfg.data.run_length, step_samples=cfg.data.batch_size * cfg.trainer.accum_steps)
+    else:
+        sampler = ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
     loader = _loader(cfg.data, ds, sampler, drop_last=True, persistent=bool(cfg.data.persistent_workers))
     return _device_loader(loader, cfg.data, device, cfg.aug), sampler
 

@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ACCEL_MODES = ("auto", "none")
 # model.* keys that choose how the model is computed (litv2.accel), not what: not constructor arguments
 ACCEL_KEYS = ("accel", "recompute_gelu", "recompute_dwconv")
-DATASETS = ("imagenet", "folder", "digits", "synthetic")
+DATASETS = ("imagenet", "folder", "shards", "digits", "synthetic")
 log = logging.getLogger(__name__)
 
 

@@ -32,8 +32,8 @@ FORMAT = "litv2-train-v1"
 LAST, PREV, BEST = "last.pth", "last.prev.pth", "best.pth"
 # Keys that do not change what a run computes: a rerun that differs only here is the same run.
 _NOT_IDENTITY = ("trainer.resume", "trainer.dist_timeout_s", "trainer.run_dir_lease_s", "trainer.download_timeout_s",
-                 "logger", "profile",
-                 "data.num_workers", "data.pin_memory", "data.persistent_workers")
+                 "logger", "profile", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache_dir",
+                 "data.open_chunks")
 
 
 class CheckpointError(UserError):
