@@ -17,14 +17,16 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from ..flags import taken
 from . import NO_INTERPRETER, TritonUnavailable, kernels
 
 Tensor = torch.Tensor
-INTERPRETED = isinstance(kernels.dwconv3x3, InterpretedFunction)  # TRITON_INTERPRET=1 when kernels.py was imported
-TILE = 4096  # elements of a program's (rows x channels) tile
+# TRITON_INTERPRET=1 when triton was imported (its own jit functions interpreted too: set later, it breaks them)
+INTERPRETED = isinstance(kernels.dwconv3x3, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
+TILE = 65536  # elements of a program's (rows x channels) tile
 LN_MAX_C = 8192  # add_layer_norm keeps a row in registers; wider rows take the plain ops
 
 
@@ -136,12 +138,13 @@ def _add_layer_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(y, weight, mean, rstd)
     ctx.dtypes = x.dtype, r.dtype, weight.dtype, bias.dtype
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused y or z: no gradient to read
 
 
 def _add_layer_norm_grad(ctx, dy, dz, _dmean, _drstd):
     y, weight, mean, rstd = ctx.saved_tensors
     x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
-    if dz is None:  # z unused: y's gradient passes through
+    if dz is None:  # z unused: y's gradient passes through (backward runs only if one of them has a gradient)
         return dy.to(x_dtype), dy.to(r_dtype), None, None, None, None
     d, dw, db = torch.ops.litv2.add_layer_norm_backward(dy, dz, y, weight, mean, rstd)
     return d.to(x_dtype), d.to(r_dtype), dw.to(w_dtype), db.to(b_dtype), None, None
