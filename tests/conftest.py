@@ -7,7 +7,12 @@ import subprocess
 import pytest
 import torch
 
-from engine_utils import FIXTURES, TINY
+# Without a GPU, the Triton kernels (tests marked triton) run under Triton's interpreter, which must be on before
+# triton is imported (timm imports it); with one they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engine_utils import FIXTURES, TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

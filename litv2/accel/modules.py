@@ -160,17 +160,35 @@ _PLAIN = {fast: plain for plain, fast in _FAST.items()}
 _ADDED = ("recompute_gelu", "recompute_dwconv", "widest")  # instance attributes accelerate sets
 
 
-def accelerate(model: nn.Module, recompute_gelu: bool = True, recompute_dwconv: bool = False) -> nn.Module:
+KERNELS = (None, "auto", "triton")
+
+
+def accelerate(model: nn.Module, recompute_gelu: bool = True, recompute_dwconv: bool = False,
+               kernels: str | None = None) -> nn.Module:
     """Swap the LITv2 modules of ``model`` (in place) for their accelerated versions; returns ``model``.
 
     Covers ``nn.Linear``, ConvFFN, the DTM's deformable conv, the stages and the patch embedding, wherever they
     are (a whole LITv2, a single HiLo or ablation layer). A module with a parametrization keeps its class. Calling
-    it again updates the recompute options.
+    it again updates the recompute options and the kernels.
+
+    ``kernels``: None or ``"auto"``, the kernels above; ``"triton"`` adds the Triton kernels of
+    :mod:`litv2.accel.triton` (blocks, stages and ConvFFNs; opt-in: not yet measured on a GPU). They run on CUDA,
+    and on CPU only under Triton's interpreter: otherwise a one-line
+    :class:`~litv2.accel.triton.TritonUnavailable`, before anything is swapped.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} is not one of {', '.join(map(repr, KERNELS))}")
+    fast = _FAST
+    if kernels == "triton":
+        from .triton import modules as triton_modules  # (importing it registers its classes in _PLAIN)
+        triton_modules.check_model(model)
+        fast = {**_FAST, **triton_modules.FAST}
     for m in model.modules():
-        fast = _FAST.get(type(m))
-        if fast is not None:
-            m.__class__ = fast
+        plain = _PLAIN.get(type(m), type(m))
+        if plain in fast:
+            m.__class__ = fast[plain]
+        elif plain is not type(m):  # a class of other kernels, none here
+            m.__class__ = plain
         if isinstance(m, FastConvFFN):
             m.recompute_gelu, m.recompute_dwconv = bool(recompute_gelu), bool(recompute_dwconv)
         elif isinstance(m, FastStage):

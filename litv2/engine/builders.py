@@ -29,7 +29,8 @@ with keep_dynamo_recompile_limit():
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACCEL_MODES = ("auto", "none")
 # model.* keys that choose how the model is computed (litv2.accel), not what: not constructor arguments
-ACCEL_KEYS = ("accel", "recompute_gelu", "recompute_dwconv")
+ACCEL_KEYS = ("accel", "recompute_gelu", "recompute_dwconv", "kernels")
+KERNELS = (None, "auto", "triton")  # model.kernels (litv2.accel.accelerate's kernels)
 DATASETS = ("imagenet", "folder", "shards", "digits", "synthetic")
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ def check_config(cfg, training: bool = True):
     check_alpha_variant(cfg)
     if cfg.model.get("accel", "auto") not in ACCEL_MODES:
         raise UserError(f"model.accel={cfg.model.accel!r} is not one of {', '.join(ACCEL_MODES)}")
+    kernels = cfg.model.get("kernels")
+    if kernels not in KERNELS:
+        raise UserError(f"model.kernels={kernels!r} is not one of null, auto, triton")
+    if kernels == "triton" and cfg.model.get("accel", "auto") != "auto":
+        raise UserError("model.kernels=triton needs model.accel=auto (model.accel=none is the plain model)")
     if cfg.data.name not in DATASETS:
         raise UserError(f"data.name={cfg.data.name!r} is not one of {', '.join(DATASETS)}")
     if cfg.data.batch_size < 1:
@@ -112,13 +118,15 @@ def model_kwargs(model_cfg) -> dict:
 
 def apply_accel(model: torch.nn.Module, cfg) -> torch.nn.Module:
     """model.accel=auto (the default): a LITv2 model runs on litv2.accel's kernels and memory recomputes
-    (model.recompute_gelu, model.recompute_dwconv); none, and every other model: as built."""
+    (model.recompute_gelu, model.recompute_dwconv; model.kernels=triton adds the Triton kernels); none, and every
+    other model: as built."""
     from litv2.accel import accelerate
     from litv2.models import LITv2
 
     m = cfg.model
     if m.get("accel", "auto") == "auto" and isinstance(model, LITv2):
-        accelerate(model, recompute_gelu=m.get("recompute_gelu", True), recompute_dwconv=m.get("recompute_dwconv", False))
+        accelerate(model, recompute_gelu=m.get("recompute_gelu", True), recompute_dwconv=m.get("recompute_dwconv", False),
+                   kernels=m.get("kernels"))
     return model
 
 

@@ -330,7 +330,7 @@ def find_unfinished_run(runs_root, cfg_hash: str, exclude=None, lease_ttl_s: flo
 # the input size (LITv2 has no position embedding; where a model's parameters depend on it, the shape check tells).
 _NOT_ARCHITECTURE = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "drop_path_rate", "drop_rate",
                      "proj_drop_rate", "attn_drop_rate", "pos_drop_rate", "img_size", "accel", "recompute_gelu",
-                     "recompute_dwconv"}
+                     "recompute_dwconv", "kernels"}
 
 
 def _flat(d, prefix="") -> dict:
@@ -393,7 +393,7 @@ def check_resumable(cfg, state: dict, source) -> None:
 _NOT_RECIPE = ("name", "paths", "trainer.max_steps", "trainer.log_every", "trainer.eval_every",
                "trainer.ckpt_every_steps", "trainer.signal_exit_code", "trainer.on_nonfinite", "trainer.device",
                "trainer.compile", "trainer.channels_last", "trainer.tf32", "trainer.cpu_keep_freed_memory",
-               "model.accel", "model.recompute_gelu", "model.recompute_dwconv")
+               "model.accel", "model.recompute_gelu", "model.recompute_dwconv", "model.kernels")
 
 
 def recipe_changes(cfg, state: dict, world_size: int) -> list[str]:

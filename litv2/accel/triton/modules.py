@@ -1,0 +1,120 @@
+"""The modules ``accelerate(model, kernels="triton")`` swaps in: subclasses of the plain ones with only ``forward``
+replaced, calling the ops of :mod:`.ops`.
+
+* :class:`TritonConvFFN`: the depthwise conv + bias + GELU as ``litv2::dwconv3x3_gelu``.
+* :class:`TritonBlock` / :class:`TritonStage`: each residual add and the LayerNorm after it as one
+  ``litv2::add_layer_norm``: within a block (attention residual -> ``norm2``) and across blocks (the FFN residual ->
+  the next block's first LayerNorm). A stage's last add stays a plain add.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from litv2.models.litv2 import Block, ConvFFN, Stage
+
+from .. import _internals
+from ..flags import taken
+from ..modules import _PLAIN, FastConvFFN
+from ..recompute import recompute_when_saved
+from . import import_ops
+
+ops = import_ops()
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise :class:`~litv2.accel.triton.TritonUnavailable` (one line) if a parameter or buffer of ``model`` is on a
+    device the kernels cannot run on."""
+    for device in {t.device for t in (*model.parameters(), *model.buffers())}:
+        ops.check_device(device)
+
+
+def _fusable_norm(norm: nn.Module, x: torch.Tensor, r: torch.Tensor) -> bool:
+    return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None and not _internals.module_forward_hooks(norm) and x.shape == r.shape
+            and x.shape[-1] <= ops.LN_MAX_C)
+
+
+def add_norm(x: torch.Tensor, r: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + r, norm(x + r))`` (``r`` None: ``(x, norm(x))``), as one ``litv2::add_layer_norm`` for a plain
+    LayerNorm. Under autocast the normalised map is written in the autocast dtype, which its consumers (linear
+    layers) cast it to anyway: the LayerNorm reads and writes the low-precision maps, with fp32 statistics."""
+    if r is None:
+        return x, norm(x)
+    if not _fusable_norm(norm, x, r):
+        x = x + r
+        return x, norm(x)
+    device = x.device.type
+    out_dtype = (torch.get_autocast_dtype(device) if torch.amp.is_autocast_available(device)
+                 and torch.is_autocast_enabled(device) else torch.promote_types(x.dtype, r.dtype))
+    y, z, _, _ = torch.ops.litv2.add_layer_norm(x, r, norm.weight, norm.bias, norm.eps, out_dtype)
+    return y, z
+
+
+class TritonConvFFN(FastConvFFN):
+    """fc1 -> ``litv2::dwconv3x3_gelu`` -> fc2. The op keeps only its input (fc1's output, which the plain conv keeps
+    too) for the backward pass, which recomputes the conv: the conv output is never kept. With ``recompute_gelu``
+    fc2's input (the GELU output) is not kept either; the backward pass runs the op again to remake it. Under the
+    conditions where :class:`~litv2.accel.modules.FastConvFFN` stands its recomputes aside, the GELU output is kept.
+    A non-exact GELU or a hooked or non-3x3 conv takes FastConvFFN's path. ``recompute_dwconv`` has no further
+    effect here."""
+
+    def _fusable(self) -> bool:
+        conv = self.dwconv.dwconv
+        return (self._exact_gelu() and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+                and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+                and conv.groups == conv.in_channels == conv.out_channels
+                and not _internals.module_forward_hooks(conv) and not _internals.module_forward_hooks(self.act))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable():
+            return super().forward(x)
+        h = self.fc1(x)
+        weight, bias = self.dwconv.dwconv.weight, self.dwconv.dwconv.bias
+        g = torch.ops.litv2.dwconv3x3_gelu(h, weight, bias)
+        if not (self.recompute_gelu and self._recomputes(h)):
+            return self.drop(self.fc2(self.drop(g)))
+        taken("recompute_gelu")
+
+        def remake_g():
+            with torch.no_grad():
+                return torch.ops.litv2.dwconv3x3_gelu(h, weight, bias)
+
+        with recompute_when_saved(g, remake_g):
+            return self.drop(self.fc2(self.drop(g)))
+
+
+class TritonBlock(Block):
+    """The block with its attention residual add and ``norm2`` as one ``litv2::add_layer_norm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, r = self.forward_residual(x, None)
+        return x + r
+
+    def forward_residual(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + r`` (``r``: the previous block's FFN branch, not yet added; None: none), returning
+        ``(stream, branch)``, whose sum is the block's output: the caller fuses that add with the next LayerNorm."""
+        if self.attn is not None:
+            x, z = add_norm(x, r, self.norm1)
+            r = self.drop_path(self.attn(z))
+        x, z = add_norm(x, r, self.norm2)
+        return x, self.drop_path(self.mlp(z))
+
+
+class TritonStage(Stage):
+    """The blocks with each FFN residual add fused with the next block's first LayerNorm. Blocks with hooks,
+    activation checkpointing or other block classes run block by block."""
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if ((self.grad_checkpointing and not torch.jit.is_scripting())
+                or _internals.module_forward_hooks(self.blocks)
+                or not all(type(b) is TritonBlock and not _internals.module_forward_hooks(b) for b in self.blocks)):
+            return super().forward_blocks(x)
+        r = None
+        for block in self.blocks:
+            x, r = block.forward_residual(x, r)
+        return x + r
+
+
+FAST = {ConvFFN: TritonConvFFN, Block: TritonBlock, Stage: TritonStage}
+_PLAIN.update({fast: plain for plain, fast in FAST.items()})
