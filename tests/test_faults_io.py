@@ -87,6 +87,34 @@ def test_a_failed_write_or_fsync_names_the_cause_and_leaves_no_temporary_file(er
     assert load_state(tmp_path / ckpt.LAST)["w"][0] == 2.0 and load_state(tmp_path / ckpt.PREV)["w"][0] == 1.0
 
 
+class _InterruptedFile(io.FileIO):
+    """A file whose write after ``limit`` bytes is interrupted by Ctrl-C (SIGINT's KeyboardInterrupt)."""
+
+    def __init__(self, path, mode, limit):
+        super().__init__(path, mode)
+        self.limit, self.written = limit, 0
+
+    def write(self, data):
+        self.written += len(memoryview(data).cast("B"))
+        if self.written > self.limit:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def test_ctrl_c_during_a_save_stays_a_ctrl_c_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """torch.save turns an exception in a write into its writer's "unexpected pos" error; Ctrl-C mid-write must
+    still end the run as an interrupt (exit 130), not as that error, and keep the previous checkpoint."""
+    from litv2.engine import checkpoint as ckpt
+
+    _save(1.0, tmp_path / ckpt.LAST)
+    monkeypatch.setattr(ckpt, "open", lambda path, mode: _InterruptedFile(path, mode, limit=4096), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        _save(2.0, tmp_path / ckpt.LAST, n=100_000)
+    monkeypatch.undo()
+    assert _temp_files(tmp_path) == []
+    assert load_state(tmp_path / ckpt.LAST)["w"][0] == 1.0
+
+
 def test_a_save_into_a_read_only_file_system_says_so(tmpfs):
     from litv2.engine import checkpoint as ckpt
 

@@ -92,6 +92,17 @@ class _RecordingWriter:
         return self.f.tell()
 
 
+def _interrupt_in_chain(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or other non-Exception) that ``e`` was raised while handling, or ``e`` itself."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if not isinstance(e, Exception):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
+
+
 def save_atomic(state: dict, path, keep_previous: str | None = None):
     """Write ``state`` to ``path`` through a temporary file renamed into place; ``keep_previous``: first rename
     an existing ``path`` to this name (in the same directory).
@@ -117,6 +128,9 @@ def save_atomic(state: dict, path, keep_previous: str | None = None):
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        interrupt = _interrupt_in_chain(e)
+        if interrupt is not None and interrupt is not e:  # Ctrl-C mid-write, reported by torch as a writer error
+            raise interrupt from None
         cause = e if isinstance(e, OSError) else (writer.error if writer is not None else None)
         if cause is None or not isinstance(e, Exception):  # not the file system (e.g. an unpicklable object)
             raise
