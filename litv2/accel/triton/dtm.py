@@ -126,13 +126,15 @@ def dtm_gather_bwd(DCols, X, Off, DX, DOff, N, H, W, Ho, Wo, C,
 # ---- launches --------------------------------------------------------------------------------------------------------
 
 def gather_blocks(C: int) -> dict:
-    """Block sizes and warps of the gather: 64 channels (fewer if C is smaller) by 64 positions."""
-    return dict(BLOCK_P=64, BLOCK_C=min(64, triton.next_power_of_2(C)), num_warps=4)
+    """Block sizes and warps of the gather: 64 channels (fewer if C is smaller) by 64 positions, 16 elements of a
+    tile per thread."""
+    return dict(BLOCK_P=64, BLOCK_C=min(64, triton.next_power_of_2(C)), num_warps=8)
 
 
 def gather_bwd_blocks(C: int) -> dict:
-    """Block sizes and warps of the gather's backward: 32 positions, 64 channels at a time (fewer if C is smaller)."""
-    return dict(BLOCK_P=32, BLOCK_C=min(64, triton.next_power_of_2(C)), num_warps=4)
+    """Block sizes and warps of the gather's backward: 32 positions, 32 channels at a time (fewer if C is smaller),
+    four elements of a tile per thread (it holds five tiles: the gradient and the four corners)."""
+    return dict(BLOCK_P=32, BLOCK_C=min(32, triton.next_power_of_2(C)), num_warps=8)
 
 
 def dtm_gather_fwd_launch(x, offset, cols):
