@@ -24,8 +24,9 @@ DTM_STATS = ("triton_dtm_gather", "triton_dtm_gather_backward")
 
 
 def _offsets(B, Ho, Wo, H, W):
-    """Random offsets up to 2.5 pixels (many taps sample partly or wholly off the map), with output (0, 0)'s taps
-    exactly at rows -1, 0, H - 1 + 1 = H and columns on integers, and output (Ho-1, Wo-1)'s on integers."""
+    """Random offsets up to 2.5 pixels (many taps sample partly or wholly off the map); output (0, 0)'s taps on
+    integers, at rows -1, 0, H, -1 and columns 0, 2, -1, W (one pixel off the map: zero, with a one-sided slope),
+    and the last output's taps on integers."""
     off = (torch.rand(B, Ho, Wo, 8) * 5 - 2.5)
     off[0, 0, 0] = torch.tensor([-1.0, 0.0, 0.0, 1.0, float(H - 1), -1.0, -2.0, float(W - 1)])
     off[-1, -1, -1] = off[-1, -1, -1].round()

@@ -158,8 +158,9 @@ class TritonDeformConv2d(FastDeformConv2d):
 
 class TritonDTM(DeformableTokenMerging):
     """DTM on the gather + GEMM (:func:`deform_conv`). In eval mode (the BatchNorm on its running statistics) the
-    BatchNorm is folded into the GEMM's weight and bias, GELU after; in training it stays a BatchNorm (its running
-    statistics updated as the plain model's)."""
+    BatchNorm is folded into the GEMM's weight and bias, GELU after (in fp32: a low-precision layer rounds once, after
+    the folded GEMM, where the plain one rounds the conv's output and the BatchNorm's); in training it stays a
+    BatchNorm (its running statistics updated as the plain model's)."""
 
     def _folds(self) -> bool:
         norm = self.norm_layer
