@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._prims_common import alert_not_deterministic
 
 from ..flags import taken
 from .ops import _on, check_device
@@ -191,7 +192,7 @@ def dtm_gather_backward(dcols: Tensor, x: Tensor, offset: Tensor) -> tuple[Tenso
     """The gradients of :func:`dtm_gather` for ``x`` (x's dtype) and ``offset`` (fp32)."""
     check_device(x.device)
     if x.device.type == "cuda":
-        torch._C._alert_not_deterministic("litv2::dtm_gather_backward (fp32 atomics)")
+        alert_not_deterministic("litv2::dtm_gather_backward (fp32 atomics)")
     x, offset = x.contiguous(), offset.float().contiguous()
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     doffset = torch.zeros(offset.shape, dtype=torch.float32, device=x.device)
