@@ -25,7 +25,7 @@ from ..recompute import recompute_when_saved
 from . import import_ops
 
 ops = import_ops()
-from . import dtm as dtm_ops  # noqa: E402  (registers litv2::dtm_gather)
+from . import dtm  # noqa: E402, F401  (registers litv2::dtm_gather and its backward)
 
 
 def check_model(model: nn.Module) -> None:
