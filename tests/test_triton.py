@@ -258,10 +258,11 @@ def test_every_kernel_compiles_for_hopper_without_spills():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, [(r["kernel"], r["blocks"], r["problems"]) for r in rows if r["problems"]]
     assert {r["kernel"] for r in rows} == {"add_layer_norm_fwd", "add_layer_norm_bwd", "dwconv3x3",
-                                           "dwconv3x3_gelu_bwd"}
+                                           "dwconv3x3_gelu_bwd", "dtm_gather_fwd", "dtm_gather_bwd"}
     shapes = [s for r in rows for s in r["shapes"]]
     for name in ("litv2_s", "litv2_m", "litv2_b"):
         for side in (56, 28, 14, 7):
             assert sum(s.startswith(name) and s.endswith(f" {side}x{side}") for s in shapes) == 2 * 5, (name, side)
+        assert sum(s.startswith(name) and s.endswith(" (DTM)") for s in shapes) == 2 * 3 * 2, name  # 3 DTMs
     for r in rows:
         assert r["n_spills"] == 0 and r["shared"] <= 227 * 1024 and r["n_regs"] * r["num_warps"] * 32 <= 65536, r

@@ -90,7 +90,7 @@ def litv2_launches(name: str, batch: int = 64, img_size: int = 224, precision: s
     import timm
 
     import litv2  # noqa: F401  (registers the models)
-    from . import ops
+    from . import dtm, ops
 
     stream, low = PRECISIONS[precision]
     model = timm.create_model(name, device="meta")
@@ -117,6 +117,15 @@ def litv2_launches(name: str, batch: int = 64, img_size: int = 224, precision: s
             launches[f"dwconv3x3_gelu_bwd {key}"] = ops.dwconv3x3_gelu_bwd_launch(
                 h, h, w9, b, h, t(2, 9, hidden, dtype=torch.float32), t(2, hidden, dtype=torch.float32))
             launches[f"dwconv3x3 (input gradient) {key}"] = ops.dwconv3x3_launch(h, w9, None, h, gelu=False, flip=True)
+        if stage.downsample is not None:  # the DTM: it reads the residual stream; its gather is fp32, as the plain's
+            C_out, C = stage.downsample.dconv.weight.shape[:2]
+            half = side // 2
+            x = torch.empty(batch, side, side, C, dtype=stream, device="meta")
+            offset = torch.empty(batch, half, half, 8, dtype=torch.float32, device="meta")
+            cols = torch.empty(batch, half, half, 4 * C, dtype=torch.float32, device="meta")
+            key = f"C={C}->{C_out} {side}x{side}->{half}x{half} (DTM)"
+            launches[f"dtm_gather_fwd {key}"] = dtm.dtm_gather_fwd_launch(x, offset, cols)
+            launches[f"dtm_gather_bwd {key}"] = dtm.dtm_gather_bwd_launch(cols, x, offset, x.float(), offset)
     return launches
 
 

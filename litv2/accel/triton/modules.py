@@ -5,21 +5,27 @@ replaced, calling the ops of :mod:`.ops`.
 * :class:`TritonBlock` / :class:`TritonStage`: each residual add and the LayerNorm after it as one
   ``litv2::add_layer_norm``: within a block (attention residual -> ``norm2``) and across blocks (the FFN residual ->
   the next block's first LayerNorm). A stage's last add stays a plain add.
+* :class:`TritonDeformConv2d` / :class:`TritonDTM`: the deformable conv as ``litv2::dtm_gather`` + one GEMM
+  (:mod:`.dtm`); in eval mode the DTM's BatchNorm is folded into the GEMM.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from litv2.models.litv2 import Block, ConvFFN, Stage
+from litv2.models.litv2 import Block, ConvFFN, DeformableTokenMerging, DeformConv2d, Stage
 
 from .. import _internals
 from ..flags import taken
-from ..modules import _PLAIN, FastConvFFN
+from ..modules import _PLAIN, FastConvFFN, FastDeformConv2d
 from ..recompute import recompute_when_saved
 from . import import_ops
 
 ops = import_ops()
+from . import dtm  # noqa: E402, F401  (registers litv2::dtm_gather and its backward)
 
 
 def check_model(model: nn.Module) -> None:
@@ -116,5 +122,70 @@ class TritonStage(Stage):
         return x + r
 
 
-FAST = {ConvFFN: TritonConvFFN, Block: TritonBlock, Stage: TritonStage}
+def _gathers(conv: nn.Module) -> bool:
+    """Whether the deformable conv runs as ``litv2::dtm_gather`` + GEMM: a plain 2x2/2 one without hooks, and not
+    a gradient under deterministic algorithms (the gather's backward adds with atomics)."""
+    return (conv.kernel_size == 2 and conv.stride == 2 and conv.padding == 0
+            and conv.conv_offset.out_channels == 8 and not _internals.module_forward_hooks(conv)
+            and not (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()))
+
+
+def deform_conv(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The 2x2/2 deformable conv of ``conv`` (its offset conv, ``weight`` and ``bias`` in the plain layout) on the
+    ``(B, H, W, C)`` map ``x``: ``(B, H/2, W/2, C')`` in ``conv.weight``'s dtype. As the plain layer, it runs in fp32
+    (or wider) whatever autocast says: the offset conv follows autocast, the sampling and the GEMM do not."""
+    offset = conv.conv_offset(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    dtype = torch.promote_types(conv.weight.dtype, torch.float32)
+    device = x.device.type
+    no_autocast = (torch.autocast(device_type=device, enabled=False) if torch.amp.is_autocast_available(device)
+                   and torch.is_autocast_enabled(device) else contextlib.nullcontext())
+    with no_autocast:
+        cols = torch.ops.litv2.dtm_gather(x, offset.to(torch.float32), dtype)
+        out = F.linear(cols, weight.to(dtype).permute(0, 2, 3, 1).reshape(weight.shape[0], -1), bias.to(dtype))
+    return out.to(conv.weight.dtype)
+
+
+class TritonDeformConv2d(FastDeformConv2d):
+    """The deformable conv as ``litv2::dtm_gather`` (the taps' bilinear samples, fp32 coordinates) + one GEMM with
+    the weight permuted tap-major (the parameters keep their layout). Other shapes, hooks, or a gradient under
+    deterministic algorithms take FastDeformConv2d's path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _gathers(self):
+            return super().forward(x)
+        return deform_conv(self, x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class TritonDTM(DeformableTokenMerging):
+    """DTM on the gather + GEMM (:func:`deform_conv`). In eval mode (the BatchNorm on its running statistics) the
+    BatchNorm is folded into the GEMM's weight and bias, GELU after (in fp32: a low-precision layer rounds once, after
+    the folded GEMM, where the plain one rounds the conv's output and the BatchNorm's); in training it stays a
+    BatchNorm (its running statistics updated as the plain model's)."""
+
+    def _folds(self) -> bool:
+        norm = self.norm_layer
+        return (type(norm) is nn.BatchNorm2d and not norm.training and norm.running_mean is not None
+                and norm.running_var is not None and not _internals.module_forward_hooks(norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm = self.dconv, self.norm_layer
+        if not isinstance(conv, DeformConv2d) or not _gathers(conv):
+            return super().forward(x)
+        if not self._folds():
+            y = deform_conv(conv, x, conv.weight, conv.bias)
+            return self.act_layer(norm(y.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        if not torch.compiler.is_compiling():
+            taken("triton_dtm_bn_fold")
+        dtype = torch.promote_types(conv.weight.dtype, torch.float32)
+        scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.to(dtype)
+        bias = (conv.bias.to(dtype) - norm.running_mean.to(dtype)) * scale
+        if norm.bias is not None:
+            bias = bias + norm.bias.to(dtype)
+        return self.act_layer(deform_conv(conv, x, conv.weight.to(dtype) * scale.view(-1, 1, 1, 1), bias))
+
+
+FAST = {ConvFFN: TritonConvFFN, Block: TritonBlock, Stage: TritonStage, DeformConv2d: TritonDeformConv2d,
+        DeformableTokenMerging: TritonDTM}
 _PLAIN.update({fast: plain for plain, fast in FAST.items()})
