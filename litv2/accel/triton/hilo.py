@@ -37,14 +37,15 @@ def _dims(p: Tensor, hifi_heads: int, lofi_heads: int, head_dim: int, window: in
 
 def hifi_blocks(head_dim: int) -> dict:
     """64 (window, token) rows of one head per program."""
-    return dict(BLOCK_R=64, BLOCK_D=_head_block(head_dim), num_warps=4)
+    return dict(BLOCK_R=64, BLOCK_D=_head_block(head_dim), num_warps=8)
 
 
-def lofi_blocks(head_dim: int, keys: int, dtype: torch.dtype) -> dict:
-    """64 queries by up to 64 keys (at least 16: tl.dot) per step. DOT_F32 under the interpreter for bf16 (it
-    multiplies bf16 operands as integers)."""
-    return dict(BLOCK_Q=64, BLOCK_K=min(64, max(16, triton.next_power_of_2(keys))), BLOCK_D=_head_block(head_dim),
-                DOT_F32=INTERPRETED and dtype == torch.bfloat16, num_warps=4)
+def lofi_blocks(head_dim: int, keys: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    """64 queries by up to 64 keys per step forward, 32 by up to 32 backward (at least 16: tl.dot). DOT_F32
+    under the interpreter for bf16 (it multiplies bf16 operands as integers)."""
+    block = 32 if backward else 64
+    return dict(BLOCK_Q=block, BLOCK_K=min(block, max(16, triton.next_power_of_2(keys))),
+                BLOCK_D=_head_block(head_dim), DOT_F32=INTERPRETED and dtype == torch.bfloat16, num_warps=8)
 
 
 def _hifi_args(p, bias, hifi_heads, lofi_heads, head_dim, window):
@@ -66,11 +67,11 @@ def hifi_bwd_launch(p, bias, out, dout, lse, dp, part_b, hifi_heads, lofi_heads,
     return (kernels.hifi_bwd, grid, (p, p if bias is None else bias, out, dout, lse, dp, part_b, *dims, scale), kw)
 
 
-def _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window):
+def _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, backward=False):
     B, H, W, Cp, Hg, Wg, Dh, Dl = _dims(p, hifi_heads, lofi_heads, head_dim, window)
     M = kv.numel() // kv.shape[-1] // B
     return B, H * W, M, (H * W, M, Cp, 2 * Dl, Dh + Dl, 3 * Dh, Dh, Dl, head_dim, hifi_heads + lofi_heads,
-                         hifi_heads, lofi_heads), lofi_blocks(head_dim, M, p.dtype)
+                         hifi_heads, lofi_heads), lofi_blocks(head_dim, M, p.dtype, backward)
 
 
 def lofi_fwd_launch(p, kv, out, lse, hifi_heads, lofi_heads, head_dim, window, scale):
@@ -80,13 +81,13 @@ def lofi_fwd_launch(p, kv, out, lse, hifi_heads, lofi_heads, head_dim, window, s
 
 
 def lofi_bwd_dkdv_launch(p, kv, out, dout, lse, dkv, hifi_heads, lofi_heads, head_dim, window, scale):
-    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window)
+    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, True)
     return (kernels.lofi_bwd_dkdv, (triton.cdiv(M, blocks["BLOCK_K"]), B * lofi_heads),
             (p, kv, out, dout, lse, dkv, *dims, scale), blocks)
 
 
 def lofi_bwd_dq_launch(p, kv, out, dout, lse, dp, hifi_heads, lofi_heads, head_dim, window, scale):
-    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window)
+    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, True)
     return (kernels.lofi_bwd_dq, (triton.cdiv(N, blocks["BLOCK_Q"]), B * lofi_heads),
             (p, kv, out, dout, lse, dp, *dims, scale), blocks)
 
