@@ -172,8 +172,8 @@ def accelerate(model: nn.Module, recompute_gelu: bool = True, recompute_dwconv: 
     it again updates the recompute options and the kernels.
 
     ``kernels``: None or ``"auto"``, the kernels above; ``"triton"`` adds the Triton kernels of
-    :mod:`litv2.accel.triton` (blocks, stages and ConvFFNs; opt-in: not yet measured on a GPU). They run on CUDA,
-    and on CPU only under Triton's interpreter: otherwise a one-line
+    :mod:`litv2.accel.triton` (blocks, stages, ConvFFNs and HiLo; opt-in: not yet measured on a GPU). They run on
+    CUDA, and on CPU only under Triton's interpreter: otherwise a one-line
     :class:`~litv2.accel.triton.TritonUnavailable`, before anything is swapped.
     """
     if kernels not in KERNELS:
