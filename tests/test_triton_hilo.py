@@ -139,6 +139,18 @@ def test_add_layer_norm_pool_matches_the_reference(shape, s, uses, dtype):
 
 
 @interpreted
+def test_the_ops_pass_opcheck():
+    """Schema, fake tensors (what torch.compile traces), autograd registration and AOT dispatch of the two ops."""
+    torch.manual_seed(0)
+    p, kv, bias = torch.randn(2, 5, 7, 3 * 16 + 32), torch.randn(2, 3, 4, 64), torch.randn(48)
+    torch.library.opcheck(torch.ops.litv2.hilo_attention.default, (p.requires_grad_(), kv.requires_grad_(),
+                                                                  bias.requires_grad_(), 1, 2, 16, 2, 0.25))
+    x, r, weight, b = (torch.randn(2, 5, 7, 24, requires_grad=True), torch.randn(2, 5, 7, 24, requires_grad=True),
+                       torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True))
+    torch.library.opcheck(torch.ops.litv2.add_layer_norm_pool.default, (x, r, weight, b, 1e-5, torch.float32, 3))
+
+
+@interpreted
 def test_tiny_litv2_takes_the_hilo_kernels_and_equals_the_plain_model(tiny):
     """A training step of the tiny LITv2 (stage 3: 3x5 map, s=2, padded; stage 4: 1x2, s=1) with kernels="triton":
     every HiLo runs litv2::hilo_attention, the second block of stage 3 gets its pooled map from the add +
