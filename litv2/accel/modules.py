@@ -172,7 +172,7 @@ def accelerate(model: nn.Module, recompute_gelu: bool = True, recompute_dwconv: 
     it again updates the recompute options and the kernels.
 
     ``kernels``: None or ``"auto"``, the kernels above; ``"triton"`` adds the Triton kernels of
-    :mod:`litv2.accel.triton` (blocks, stages, ConvFFNs and DTMs; opt-in: not yet measured on a GPU). They run on
+    :mod:`litv2.accel.triton` (blocks, stages, ConvFFNs, HiLo and DTMs; opt-in: not yet measured on a GPU). They run on
     CUDA, and on CPU only under Triton's interpreter: otherwise a one-line
     :class:`~litv2.accel.triton.TritonUnavailable`, before anything is swapped.
     """

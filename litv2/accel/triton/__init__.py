@@ -2,8 +2,8 @@
 
 ``ops`` has the ops (``torch.ops.litv2.*``) and their launches, ``kernels`` the Triton kernels, ``reference`` the
 same computations in plain torch (what the tests compare against), ``modules`` the modules that call them,
-``dtm`` the DTM's bilinear gather (its kernels, ops and reference) and ``aot`` the ahead-of-time compile for a GPU
-target the tests use to check resources without a GPU.
+``dtm`` the DTM's bilinear gather (its kernels, ops and reference), ``hilo`` and ``hilo_kernels`` the same for HiLo
+attention, and ``aot`` the ahead-of-time compile for a GPU target the tests use to check resources without a GPU.
 
 They run on CUDA devices, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before Python
 imports triton), which is how they are tested without a GPU. Opt-in: not measured faster on a GPU yet.

@@ -117,6 +117,8 @@ def litv2_launches(name: str, batch: int = 64, img_size: int = 224, precision: s
             launches[f"dwconv3x3_gelu_bwd {key}"] = ops.dwconv3x3_gelu_bwd_launch(
                 h, h, w9, b, h, t(2, 9, hidden, dtype=torch.float32), t(2, hidden, dtype=torch.float32))
             launches[f"dwconv3x3 (input gradient) {key}"] = ops.dwconv3x3_launch(h, w9, None, h, gelu=False, flip=True)
+            if block.attn is not None:
+                launches.update(_hilo_launches(block.attn, x, low, f"C={C} {side}x{side}"))
         if stage.downsample is not None:  # the DTM: it reads the residual stream; its gather is fp32, as the plain's
             C_out, C = stage.downsample.dconv.weight.shape[:2]
             half = side // 2
@@ -126,6 +128,43 @@ def litv2_launches(name: str, batch: int = 64, img_size: int = 224, precision: s
             key = f"C={C}->{C_out} {side}x{side}->{half}x{half} (DTM)"
             launches[f"dtm_gather_fwd {key}"] = dtm.dtm_gather_fwd_launch(x, offset, cols)
             launches[f"dtm_gather_bwd {key}"] = dtm.dtm_gather_bwd_launch(cols, x, offset, x.float(), offset)
+    return launches
+
+
+def _hilo_launches(attn, x, low, key: str) -> dict:
+    """The launches of a :class:`~litv2.models.hilo.HiLo` on the map ``x`` (of the stream's dtype; q/k/v and the
+    normalised map in ``low``): its attention's, and the pooling add + LayerNorm's before it."""
+    from litv2.models.hilo import HiLo
+
+    from . import hilo
+
+    if type(attn) is not HiLo:
+        return {}
+    B, H, W, C = x.shape
+    s, Dh, Dl = attn.ws, attn.h_dim, attn.l_dim
+    pooled = torch.empty(B, -(-H // s), -(-W // s), C, dtype=low, device="meta")
+    p = torch.empty(B, H, W, 3 * Dh + Dl, dtype=low, device="meta")
+    kv = torch.empty(*pooled.shape[:3], 2 * Dl, dtype=low, device="meta")
+    out = torch.empty(B, H, W, Dh + Dl, dtype=low, device="meta")
+    lse = torch.empty(B, H, W, attn.num_heads, dtype=torch.float32, device="meta")
+    bias = torch.empty(3 * Dh, dtype=torch.float32, device="meta")
+    args = (attn.h_heads, attn.l_heads, attn.head_dim, s, attn.scale)
+    launches = {}
+    if attn.h_heads:
+        launches[f"hifi_fwd {key}"] = hilo.hifi_fwd_launch(p, bias, out, lse, *args)
+        part_b = torch.empty(2, 2 * Dh, dtype=torch.float32, device="meta")
+        launches[f"hifi_bwd {key}"] = hilo.hifi_bwd_launch(p, bias, out, out, lse, p, part_b, *args)
+    if attn.l_heads:
+        launches[f"lofi_fwd {key}"] = hilo.lofi_fwd_launch(p, kv, out, lse, *args)
+        launches[f"lofi_bwd_dkdv {key}"] = hilo.lofi_bwd_dkdv_launch(p, kv, out, out, lse, kv, *args)
+        launches[f"lofi_bwd_dq {key}"] = hilo.lofi_bwd_dq_launch(p, kv, out, out, lse, p, *args)
+    if attn.l_heads and s > 1:
+        param, stats = torch.empty(C, dtype=torch.float32, device="meta"), lse[..., 0]
+        parts = torch.empty(2, C, dtype=torch.float32, device="meta")
+        launches[f"add_layer_norm_pool_fwd {key}"] = hilo.add_layer_norm_pool_fwd_launch(
+            x, x.to(low), param, param, x, x.to(low), pooled, stats, stats, 1e-5, s)
+        launches[f"add_layer_norm_pool_bwd {key}"] = hilo.add_layer_norm_pool_bwd_launch(
+            x, x.to(low), pooled, x, param, stats, stats, x, parts, parts, s)
     return launches
 
 

@@ -7,6 +7,8 @@ replaced, calling the ops of :mod:`.ops`.
   the next block's first LayerNorm). A stage's last add stays a plain add.
 * :class:`TritonDeformConv2d` / :class:`TritonDTM`: the deformable conv as ``litv2::dtm_gather`` + one GEMM
   (:mod:`.dtm`); in eval mode the DTM's BatchNorm is folded into the GEMM.
+* :class:`TritonHiLo`: one GEMM for ``h_qkv`` and ``l_q``, then ``litv2::hilo_attention``; before it, when Lo-Fi
+  pools, ``litv2::add_layer_norm_pool`` also writes the pooled map.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litv2.models.hilo import HiLo, pad_to_multiple
 from litv2.models.litv2 import Block, ConvFFN, DeformableTokenMerging, DeformConv2d, Stage
 
 from .. import _internals
@@ -26,6 +29,7 @@ from . import import_ops
 
 ops = import_ops()
 from . import dtm  # noqa: E402, F401  (registers litv2::dtm_gather and its backward)
+from . import hilo as hilo_ops  # noqa: E402  (registers the HiLo ops)
 
 
 def check_model(model: nn.Module) -> None:
@@ -50,11 +54,14 @@ def add_norm(x: torch.Tensor, r: torch.Tensor | None, norm: nn.Module) -> tuple[
     if not _fusable_norm(norm, x, r):
         x = x + r
         return x, norm(x)
-    device = x.device.type
-    out_dtype = (torch.get_autocast_dtype(device) if torch.amp.is_autocast_available(device)
-                 and torch.is_autocast_enabled(device) else torch.promote_types(x.dtype, r.dtype))
-    y, z, _, _ = torch.ops.litv2.add_layer_norm(x, r, norm.weight, norm.bias, norm.eps, out_dtype)
+    y, z, _, _ = torch.ops.litv2.add_layer_norm(x, r, norm.weight, norm.bias, norm.eps, _out_dtype(x, r))
     return y, z
+
+
+def _out_dtype(x: torch.Tensor, r: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return (torch.get_autocast_dtype(device) if torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device) else torch.promote_types(x.dtype, r.dtype))
 
 
 class TritonConvFFN(FastConvFFN):
@@ -101,8 +108,8 @@ class TritonBlock(Block):
         """The block on ``x + r`` (``r``: the previous block's FFN branch, not yet added; None: none), returning
         ``(stream, branch)``, whose sum is the block's output: the caller fuses that add with the next LayerNorm."""
         if self.attn is not None:
-            x, z = add_norm(x, r, self.norm1)
-            r = self.drop_path(self.attn(z))
+            x, z, pooled = add_norm_pool(x, r, self.norm1, self.attn)
+            r = self.drop_path(self.attn(z) if pooled is None else self.attn(z, pooled))
         x, z = add_norm(x, r, self.norm2)
         return x, self.drop_path(self.mlp(z))
 
@@ -186,6 +193,61 @@ class TritonDTM(DeformableTokenMerging):
         return self.act_layer(deform_conv(conv, x, conv.weight.to(dtype) * scale.view(-1, 1, 1, 1), bias))
 
 
-FAST = {ConvFFN: TritonConvFFN, Block: TritonBlock, Stage: TritonStage, DeformConv2d: TritonDeformConv2d,
-        DeformableTokenMerging: TritonDTM}
+class TritonHiLo(HiLo):
+    """HiLo as one F.linear of ``[h_qkv; l_q]`` (weights concatenated at each call: the state dict is HiLo's),
+    ``l_kv`` on the pooled map (``pooled``, from ``litv2::add_layer_norm_pool``, or pooled here), one
+    ``litv2::hilo_attention`` and ``h_proj`` / ``l_proj`` on its two halves. Attention dropout in training, hooks
+    on ``h_qkv``, ``l_q`` or ``l_kv``, or an unsupported input take HiLo's path."""
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        return (x.dim() == 4 and x.shape[-1] == self.dim and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and not (self.training and self.attn_drop > 0)
+                and not any(_internals.module_forward_hooks(m) for m in (self.h_qkv, self.l_q, self.l_kv)
+                            if m is not None))
+
+    def pools(self) -> bool:
+        """Whether Lo-Fi's keys come from a pooled map."""
+        return self.l_heads > 0 and self.ws > 1
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fusable(x):
+            return super().forward(x)
+        inputs = [m for m in (self.h_qkv, self.l_q) if m is not None]
+        weight = torch.cat([m.weight for m in inputs]) if len(inputs) > 1 else inputs[0].weight
+        bias = None
+        if all(m.bias is not None for m in inputs):
+            bias = torch.cat([m.bias for m in inputs]) if len(inputs) > 1 else inputs[0].bias
+        p = F.linear(x, weight, bias)
+        kv = None
+        if self.l_heads:
+            if self.pools() and pooled is None:
+                pooled = F.avg_pool2d(pad_to_multiple(x, self.ws).permute(0, 3, 1, 2), self.ws,
+                                      self.ws).permute(0, 2, 3, 1)
+            kv = F.linear(x if self.ws == 1 else pooled, self.l_kv.weight, self.l_kv.bias)
+        h_bias = None if self.h_qkv is None else self.h_qkv.bias
+        out, _ = torch.ops.litv2.hilo_attention(p, kv, h_bias, self.h_heads, self.l_heads, self.head_dim, self.ws,
+                                                self.scale)
+        if self.h_qkv is None:
+            out = self.l_proj(out)
+        elif self.l_q is None:
+            out = self.h_proj(out)
+        else:
+            out = torch.cat((self.h_proj(out[..., :self.h_dim]), self.l_proj(out[..., self.h_dim:])), dim=-1)
+        return self.proj_drop(out)
+
+
+def add_norm_pool(x: torch.Tensor, r: torch.Tensor | None, norm: nn.Module,
+                  attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`add_norm` and, before a :class:`TritonHiLo` that pools (and has no hooks), the normalised map's
+    pool from the same kernel (``litv2::add_layer_norm_pool``); else None."""
+    if (r is None or type(attn) is not TritonHiLo or not attn.pools() or _internals.module_forward_hooks(attn)
+            or not _fusable_norm(norm, x, r) or x.dim() != 4 or not attn.fusable(x)):
+        return (*add_norm(x, r, norm), None)
+    y, z, pooled, _, _ = torch.ops.litv2.add_layer_norm_pool(x, r, norm.weight, norm.bias, norm.eps,
+                                                             _out_dtype(x, r), attn.ws)
+    return y, z, pooled
+
+
+FAST = {ConvFFN: TritonConvFFN, Block: TritonBlock, Stage: TritonStage, HiLo: TritonHiLo,
+        DeformConv2d: TritonDeformConv2d, DeformableTokenMerging: TritonDTM}
 _PLAIN.update({fast: plain for plain, fast in FAST.items()})
