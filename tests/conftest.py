@@ -12,7 +12,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine_utils import FIXTURES, TINY  # noqa: E402
+from engine_utils import FIXTURES, KERNEL_DEVICE, TINY  # noqa: E402
+
+
+@pytest.fixture
+def kernel_device():
+    """Tensors and modules the test makes land on KERNEL_DEVICE; TF32 off, so fp32 stays fp32 on a GPU too."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.device(KERNEL_DEVICE):
+            yield KERNEL_DEVICE
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture(scope="session")

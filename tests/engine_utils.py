@@ -19,6 +19,9 @@ TINY = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_class
 TINY_LITV2 = [f"++model.embed_dim={TINY['embed_dim']}", "++model.depths=[1,1,2,1]", "++model.num_heads=[1,2,4,8]",
               "model.drop_path_rate=0.0"]
 # Quiet, fast, local: no wandb, no profiling, no loader workers.
+# Where the Triton kernel tests (marker triton) run: on a GPU where there is one, else on CPU tensors under Triton's
+# interpreter (conftest.py turns it on).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = ["logger=none", "profile.enabled=false", "data.num_workers=0"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
 

@@ -1,6 +1,7 @@
-"""The Triton kernels of litv2.accel.triton, without a GPU: run by Triton's interpreter on CPU tensors (conftest.py
-turns it on where CUDA is absent) against the plain-torch reference, and compiled ahead of time for Hopper (sm_90)
-to check the resources each launch takes. ``make test`` runs these apart: ``pytest tests -m triton``.
+"""The Triton kernels of litv2.accel.triton against the plain-torch reference: on CUDA tensors where there is a GPU,
+else run by Triton's interpreter on CPU tensors (conftest.py turns it on where CUDA is absent), and compiled ahead of
+time for Hopper (sm_90) to check the resources each launch takes. ``make test`` runs these apart:
+``pytest tests -m triton``.
 
 The add + LayerNorm and dwconv kernels use no ``tl.dot``, so bf16 is checked in full there (outputs and gradients);
 its tolerance covers the interpreter's fp32 -> bf16 conversion, which truncates where a GPU rounds to nearest. The
@@ -15,15 +16,17 @@ import weakref
 import pytest
 import torch
 
-from engine_utils import ENV, FAST, ROOT, TINY, TINY_LITV2, assert_one_line_error, compose
+from engine_utils import ENV, FAST, KERNEL_DEVICE, ROOT, TINY, TINY_LITV2, assert_one_line_error, compose
 
 pytest.importorskip("triton")
 from litv2.accel import accelerate, is_accelerated, restore, stats  # noqa: E402
 from litv2.accel.triton import NO_INTERPRETER, ops, reference  # noqa: E402
 from litv2.accel.triton import modules as triton_modules  # noqa: E402
 
-pytestmark = pytest.mark.triton
-interpreted = pytest.mark.skipif(not ops.INTERPRETED, reason="CPU tensors need Triton's interpreter (no CUDA here)")
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("kernel_device")]
+# on CUDA tensors where there is a GPU, else on CPU tensors, which need Triton's interpreter
+interpreted = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not ops.INTERPRETED,
+                                 reason="no GPU, and CPU tensors need Triton's interpreter")
 # (atol, rtol) against the reference: fp32 within 1e-4; fp16 a few ulps; bf16 two ulps plus the truncation above
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 KERNEL_STATS = ("triton_add_layer_norm", "triton_add_layer_norm_backward", "triton_dwconv_gelu",
@@ -75,7 +78,7 @@ def test_add_layer_norm_takes_a_low_precision_branch_and_writes_the_autocast_dty
     norm = torch.nn.LayerNorm(24)
     x, r = torch.randn(2, 5, 7, 24), torch.randn(2, 5, 7, 24).bfloat16()
     stats.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
         y, z = triton_modules.add_norm(x, r, norm)
         plain = norm(x + r)
     assert stats["triton_add_layer_norm"] == 1
@@ -194,7 +197,7 @@ def test_tiny_litv2_on_triton_kernels_under_bf16_autocast(tiny):
     x = torch.randn(2, 3, 48, 80)
     with torch.no_grad():
         fp32 = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - fp32).abs().max() <= 0.05 * fp32.abs().max()
@@ -236,7 +239,8 @@ def test_the_engine_takes_model_kernels_triton():
 def test_cpu_without_the_interpreter_is_one_line_error(tmp_path):
     """train.py with model.kernels=triton on a CPU, TRITON_INTERPRET unset: one line saying what to do."""
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=litv2_s", "data=synthetic",
-                           "model.kernels=triton", "trainer.max_steps=1", f"paths.runs_root={tmp_path}", *TINY_LITV2,
+                           "model.kernels=triton", "trainer.device=cpu", "trainer.max_steps=1",
+                           f"paths.runs_root={tmp_path}", *TINY_LITV2,
                            *FAST], cwd=ROOT, env=NO_INTERPRETER_ENV, capture_output=True, text=True, timeout=180)
     assert_one_line_error(proc, NO_INTERPRETER)
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from engine_utils import KERNEL_DEVICE
 from litv2.models.litv2 import DeformableTokenMerging, DeformConv2d
 
 pytest.importorskip("triton")
@@ -16,8 +17,10 @@ from litv2.accel.triton import ops  # noqa: E402
 from litv2.accel.triton import dtm  # noqa: E402
 from litv2.accel.triton import modules as triton_modules  # noqa: E402
 
-pytestmark = pytest.mark.triton
-interpreted = pytest.mark.skipif(not ops.INTERPRETED, reason="CPU tensors need Triton's interpreter (no CUDA here)")
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("kernel_device")]
+# on CUDA tensors where there is a GPU, else on CPU tensors, which need Triton's interpreter
+interpreted = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not ops.INTERPRETED,
+                                 reason="no GPU, and CPU tensors need Triton's interpreter")
 # (atol, rtol) of a value rounded to the dtype (bf16: the interpreter truncates where a GPU rounds to nearest)
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 DTM_STATS = ("triton_dtm_gather", "triton_dtm_gather_backward")
@@ -169,7 +172,7 @@ def test_triton_dtm_under_bf16_autocast_runs_the_deformable_conv_in_fp32_as_the_
     model = accelerate(copy.deepcopy(plain), kernels="triton")
     x = torch.randn(2, 5, 7, 12)
     stats.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
         got, want = model(x), plain(x)
     assert stats["triton_dtm_gather"] == 1
     assert got.dtype == want.dtype == torch.float32
