@@ -481,10 +481,15 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
     # closed however the epoch ends: an error line printed next starts a line of its own, not the bar's
     with run.logger.progress(total=run.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}") as bar:
         stats, window_images, window_start = StepStats(info.device), 0, time.time()
+        running_stats = RunningStats(run.model) if t.on_nonfinite == "skip" else None
         while p.step_in_epoch < run.steps_per_epoch and p.global_step < max_steps:
             run.scheduler.step_update(p.global_step)
+            if running_stats is not None:
+                running_stats.save()
             loss_sum, images_seen, skipped = _forward_backward(run, batches)
             found_inf = stats.record(loss_sum, t.accum_steps, run.stop.requested is not None, skipped, info)
+            if running_stats is not None:
+                running_stats.restore_if(found_inf)
             stats.add(found_inf, _optimizer_step(run, found_inf), p.global_step)
             p.global_step += 1
             p.step_in_epoch += 1
@@ -507,6 +512,27 @@ def train_one_epoch(run: Run, max_steps: float = math.inf) -> None:
                 raise Preempted(signum, p.global_step, run.stop.previous.get(signum))
             if checkpoint_due and p.step_in_epoch < run.steps_per_epoch:
                 save(run, ckpt.LAST, keep_previous=ckpt.PREV)
+
+
+class RunningStats:
+    """A model's BatchNorm running statistics, put back where they were after a step skipped for a non-finite loss
+    (its forward moved them, and a non-finite batch would leave them non-finite for every later evaluation).
+    Decided on the device: no host sync."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.live = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                     for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.saved = [b.clone() for b in self.live]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for saved, live in zip(self.saved, self.live):
+            saved.copy_(live)
+
+    @torch.no_grad()
+    def restore_if(self, skipped: torch.Tensor) -> None:
+        for saved, live in zip(self.saved, self.live):
+            live.copy_(torch.where(skipped > 0, saved, live))
 
 
 def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
