@@ -10,8 +10,9 @@ warps, shared memory, registers and spills, and exits 1 if one would not fit sm_
 :func:`compile_launch` takes a launch as :mod:`.ops` describes it (kernel, grid, arguments, block sizes,
 ``num_warps``) and compiles it as ``kernel[grid](...)`` would on the GPU: the same argument specialisation (16-byte
 aligned pointers, integers divisible by 16), the same options, Triton's own ``ptxas``. :func:`resources` reads the
-cubin with ``cuobjdump``: registers per thread and local memory per thread, which Triton reports on a GPU as
-``n_regs`` and ``n_spills`` (local bytes / 4), and the shared memory the launch requests.
+cubin with ``cuobjdump``: registers per thread and local memory per thread (its stack frame included: ptxas spills
+there), which Triton reports on a GPU as ``n_regs`` and ``n_spills`` (local bytes / 4), and the shared memory the
+launch requests.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def resources(compiled) -> dict:
         usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
                                check=True, capture_output=True, text=True).stdout
     fields = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", usage))
-    return dict(shared=compiled.metadata.shared, n_regs=int(fields["REG"]), n_spills=int(fields["LOCAL"]) // 4,
+    local = int(fields["LOCAL"]) + int(fields.get("STACK", 0))  # ptxas puts spilled registers in the stack frame
+    return dict(shared=compiled.metadata.shared, n_regs=int(fields["REG"]), n_spills=local // 4,
                 num_warps=compiled.metadata.num_warps)
 
 

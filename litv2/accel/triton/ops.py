@@ -26,7 +26,7 @@ from . import NO_INTERPRETER, TritonUnavailable, kernels
 Tensor = torch.Tensor
 # TRITON_INTERPRET=1 when triton was imported (its own jit functions interpreted too: set later, it breaks them)
 INTERPRETED = isinstance(kernels.dwconv3x3, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
-TILE = 65536  # elements of a program's (rows x channels) tile
+TILE = 4096  # elements of a program's (rows x channels) tile: larger ones spill on sm_90 (the aot check)
 LN_MAX_C = 8192  # add_layer_norm keeps a row in registers; wider rows take the plain ops
 
 
