@@ -335,6 +335,27 @@ def test_resuming_under_another_recipe_warns_maps_the_position_by_samples_and_re
     assert summary["best_top1"] == summary["final_top1"] < 100.0
 
 
+def test_an_image_folder_and_its_chunks_are_one_dataset_to_resume():
+    """data=imagenet -> data=shards (the same images converted by make_shards.py) resumes as a recipe change, with
+    a warning; another dataset is still refused."""
+    from omegaconf import OmegaConf
+
+    from litv2.engine import checkpoint as ckpt
+    from litv2.engine.builders import build_model
+
+    tiny = [*TINY_LITV2, "data.num_classes=10"]
+    folder = compose(["data=imagenet", *tiny])
+    with torch.device("meta"):
+        weights = build_model(folder, pretrained=False).state_dict()
+    state = {"format": ckpt.FORMAT, "config": OmegaConf.to_container(folder, resolve=True), "model": weights,
+             "world_size": 1}
+    shards = compose(["data=shards", *tiny])
+    ckpt.check_resumable(shards, state, "last.pth")
+    assert "data.name imagenet -> shards" in ckpt.recipe_changes(shards, state, 1)
+    with pytest.raises(ckpt.CheckpointError, match="another dataset: data.name imagenet -> synthetic"):
+        ckpt.check_resumable(compose(["data=synthetic", *tiny]), state, "last.pth")
+
+
 def test_resuming_the_same_recipe_keeps_the_best_and_says_nothing(checkpoint_at_step_6, tmp_path, caplog):
     """Where to stop, how many loader workers: not the recipe. The run goes on with its best metrics."""
     _, args, last = checkpoint_at_step_6

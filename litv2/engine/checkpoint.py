@@ -368,6 +368,16 @@ def _changes(old: dict, new: dict, keys) -> list[str]:
     return [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(keys)]
 
 
+# An ImageFolder tree and its LitData chunks (data/make_shards.py) are one dataset read two ways: a run may move from
+# one to the other (a recipe change: resume warns).
+_SAME_IMAGES = ({"imagenet", "shards"}, {"folder", "shards"})
+
+
+def source_change(old: str | None, new: str | None) -> bool:
+    """Whether ``data.name`` going from ``old`` to ``new`` reads the same images another way (not another dataset)."""
+    return old != new and any({old, new} <= same for same in _SAME_IMAGES)
+
+
 def check_resumable(cfg, state: dict, source) -> None:
     """Raise CheckpointError if ``state`` (a training checkpoint) was trained on another model or dataset than
     ``cfg`` describes: its config, then its weights' shapes against the configured model (built on the meta
@@ -378,7 +388,8 @@ def check_resumable(cfg, state: dict, source) -> None:
     saved, now = _identity(state.get("config") or {}), _identity(cfg)
     arch = [k for k in set(saved) | set(now) if (k.startswith("model.") and k[6:] not in _NOT_ARCHITECTURE
                                                  or k.startswith("hilo.")) and saved.get(k) != now.get(k)]
-    data = [k for k in ("data.name", "data.num_classes") if saved.get(k) != now.get(k)]
+    data = [k for k in ("data.name", "data.num_classes") if saved.get(k) != now.get(k)
+            and not (k == "data.name" and source_change(saved.get(k), now.get(k)))]
     if arch or data:
         what = "model" if arch else "dataset"
         changed = "; ".join(_changes(saved, now, arch + data)[:4])

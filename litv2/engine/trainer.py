@@ -378,10 +378,14 @@ def _map_position(run: Run, state: dict, path) -> None:
     p.global_step = p.epoch * run.steps_per_epoch + p.step_in_epoch
     if recipe:
         p.best, p.last_eval = Progress().best, {}
+    order = ""
+    if ckpt.source_change(saved_cfg.get("data", {}).get("name"), run.cfg.data.name) and seen:
+        order = (f"; the rest of epoch {p.epoch + 1} follows the new source's order, so an image may come twice or "
+                 f"not at all before it ends")
     if run.info.is_main:
         log.warning("resuming %s under another recipe (%s): epoch %d continues after the %d samples it has seen, at "
-                    "step %d of %d%s", path, ", ".join(changes), p.epoch + 1, seen, p.step_in_epoch,
-                    run.steps_per_epoch, "; best metrics start afresh" if p.best["epoch"] < 0 else "")
+                    "step %d of %d%s%s", path, ", ".join(changes), p.epoch + 1, seen, p.step_in_epoch,
+                    run.steps_per_epoch, "; best metrics start afresh" if p.best["epoch"] < 0 else "", order)
 
 
 # ---- the epoch loop ----------------------------------------------------------------------------------------
