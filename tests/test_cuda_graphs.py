@@ -1,0 +1,80 @@
+"""CUDA graphs and compile modes: the config checks (CPU), and graph replay against eager (GPU, marked gpu)."""
+import pytest
+import torch
+
+from engine_utils import compose
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.compile_mode=fast"], "trainer.compile_mode='fast' is not one of default, reduce-overhead"),
+    (["trainer.compile_mode=max-autotune"], "trainer.compile_mode=max-autotune needs trainer.compile=true"),
+    (["trainer.cuda_graphs=1"], "trainer.cuda_graphs=1 must be true or false"),
+    (["trainer.cuda_graphs=true", "trainer.device=cpu"], "trainer.cuda_graphs=true needs a CUDA device"),
+    (["trainer.cuda_graphs=true", "trainer.compile=true", "trainer.compile_mode=reduce-overhead",
+      "trainer.device=cuda"], "both capture CUDA graphs"),
+])
+def test_bad_compile_and_graph_options_are_one_line_errors(overrides, message):
+    from litv2.engine.builders import check_config
+    from litv2.errors import UserError
+
+    for config in ("config", "eval"):
+        with pytest.raises(UserError) as e:
+            check_config(compose(overrides, config), training=config == "config")
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cuda_graphs_on_auto_without_cuda_say_so(monkeypatch):
+    from litv2.engine.builders import check_config
+    from litv2.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="needs a CUDA device .*no CUDA here"):
+        check_config(compose(["trainer.cuda_graphs=true"]))
+
+
+def test_good_compile_options_pass_and_reach_torch_compile(monkeypatch):
+    from litv2.engine import builders
+
+    for mode in builders.COMPILE_MODES:
+        cfg = compose(["trainer.compile=true", f"trainer.compile_mode={mode}"])
+        builders.check_config(cfg)
+        seen = {}
+        monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.update(kw) or m)
+        builders.compile_model(torch.nn.Identity(), cfg.trainer)
+        assert seen == {"dynamic": False, "mode": None if mode == "default" else mode}
+    assert compose([]).trainer.cuda_graphs is False and compose([]).trainer.compile_mode == "default"
+
+
+def test_graphed_forward_refuses_cpu_tensors_in_one_line():
+    from litv2.accel.cudagraphs import GraphedForward, GraphsUnavailable
+
+    with pytest.raises(GraphsUnavailable, match="CUDA graphs run on CUDA devices, not on cpu"):
+        GraphedForward(torch.nn.Identity())(torch.ones(2))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, precision):
+    from litv2.accel import accelerate
+    from litv2.accel.cudagraphs import GraphedForward
+    from litv2.engine.evaluate import autocast, evaluate
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda")
+    model = accelerate(tiny()).to(device).eval()
+    graphed = GraphedForward(model)
+    torch.manual_seed(1)
+    batches = [torch.randn(8, 3, 32, 32, device=device) for _ in range(3)] + [torch.randn(5, 3, 32, 32, device=device)]
+    with torch.no_grad(), autocast(device, precision):
+        for x in batches:
+            assert torch.equal(graphed(x), model(x))
+    assert graphed.captures == 1 and graphed.replays == 3  # the batch of 5 ran eagerly
+
+    targets = [torch.randint(0, 10, (len(x),), device=device) for x in batches]
+    loader = [(x, t, 0) for x, t in zip(batches, targets)]
+    eager = evaluate(model, loader, device, precision)
+    graphs = evaluate(model, loader, device, precision, cuda_graphs=True)
+    assert graphs == eager and graphs["images"] == 29
