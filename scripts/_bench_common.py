@@ -185,7 +185,7 @@ def calls_per_sample(device, args) -> int:
 @contextlib.contextmanager
 def restored_process_settings():
     """Around a script's work: puts back what the run sets for its own process (thread count, cuDNN autotuning,
-    the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
+    TF32, the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
     as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays, as does the global
     RNG state the scripts seed.
 
@@ -195,6 +195,7 @@ def restored_process_settings():
     from litv2.accel import cpu_fast_paths
 
     threads, benchmark, fast = torch.get_num_threads(), torch.backends.cudnn.benchmark, cpu_fast_paths()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     gc.collect()  # the caller's garbage goes first: frozen, it would never be collected
     gc.freeze()
     try:
@@ -203,6 +204,7 @@ def restored_process_settings():
         gc.unfreeze()
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         cpu_fast_paths(fast)
 
 
