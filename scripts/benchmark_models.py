@@ -199,7 +199,7 @@ class PlainLinearKernel(nn.Module):
 
 # LITv2 memory options as model-name suffixes, for train memory / speed A/Bs in one run
 LITV2_VARIANTS = {"@keep-gelu": ("recompute_gelu", False), "@recompute-dwconv": ("recompute_dwconv", True),
-                  "@plain": ("accel", False)}
+                  "@plain": ("accel", False), "@triton": ("kernels", "triton")}
 
 
 def build_model(name: str, img_size: int) -> nn.Module:
@@ -210,7 +210,8 @@ def build_model(name: str, img_size: int) -> nn.Module:
     outputs for backward, as the authors' code does: the train memory / speed A/B of that option);
     ``<litv2 name>@recompute-dwconv`` builds it with ``recompute_dwconv=True`` (its ConvFFNs recompute the
     depthwise-conv outputs in backward too); ``<litv2 name>@plain`` is the model as written, without litv2.accel
-    (``model.accel=none``); these suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
+    (``model.accel=none``); ``<litv2 name>@triton`` adds the Triton kernels (``model.kernels=triton``); these
+    suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
     ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``),
     ``<name>@reduce-overhead`` / ``@max-autotune`` in ``torch.compile`` in that mode (``trainer.compile_mode``);
     ``<name>@cudagraph`` is the eager model, timed as a CUDA-graph replay (see :func:`measure`).
@@ -242,7 +243,7 @@ def build_model(name: str, img_size: int) -> nn.Module:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
         raise SystemExit(f"unknown model {name!r} (not in timm's registry)")
-    options = {k: kwargs.pop(k) for k in ("recompute_gelu", "recompute_dwconv", "accel") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("recompute_gelu", "recompute_dwconv", "accel", "kernels") if k in kwargs}
     model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
     if name.startswith("litv2") and options.pop("accel", True):  # as training runs it (model.accel=auto)
         litv2.accel.accelerate(model, **options)
@@ -370,13 +371,16 @@ def _main(args, argv=None) -> dict:
             peak[d.type] = matmul_peak_gflops(d, n=1024 if args.smoke else (2048 if d.type == "cpu" else 8192),
                                               dtype=dtype)
 
-    models, rows = {}, {}
+    models, rows, counted = {}, {}, {}
     for name in names:
         torch.manual_seed(0)
         m = build_model(name, args.img_size)
         models[name] = m
-        plain = getattr(m, "_orig_mod", m)  # FLOPs are counted on the eager module
-        rows[name] = {"params": count_params(plain), "gflops": count_flops(plain, args.img_size) / 1e9}
+        arch = name.split("@")[0]  # modes and variants share their architecture's params and FLOPs
+        if arch not in counted:  # counted once, on the eager module as built by default (CPU kernels)
+            plain = m if name == arch else build_model(arch, args.img_size)
+            counted[arch] = {"params": count_params(plain), "gflops": count_flops(plain, args.img_size) / 1e9}
+        rows[name] = dict(counted[arch])
 
     runs = []  # (column key, device, batch, amp dtype, train)
     for d in devices:
