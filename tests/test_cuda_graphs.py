@@ -43,7 +43,7 @@ def test_good_compile_options_pass_and_reach_torch_compile(monkeypatch):
         seen = {}
         monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.update(kw) or m)
         builders.compile_model(torch.nn.Identity(), cfg.trainer)
-        assert seen == {"dynamic": False, "mode": None if mode == "default" else mode}
+        assert seen == ({"dynamic": False} if mode == "default" else {"dynamic": False, "mode": mode})
     assert compose([]).trainer.cuda_graphs is False and compose([]).trainer.compile_mode == "default"
 
 

@@ -134,7 +134,7 @@ def compile_model(model: torch.nn.Module, trainer_cfg) -> torch.nn.Module:
     """``torch.compile(model, dynamic=False, mode=trainer.compile_mode)``. Static shapes: a new input shape compiles
     a new graph instead of switching to symbolic sizes (with a symbolic image size inductor fails to lower LITv2)."""
     mode = trainer_cfg.get("compile_mode", "default")
-    return torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
+    return torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
 
 
 def model_kwargs(model_cfg) -> dict:
