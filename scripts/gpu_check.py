@@ -184,7 +184,7 @@ def model_set(a) -> tuple[list[str], list[str]]:
 def part_models(a, work: Path, budget: Budget, regime: str) -> dict:
     models, notes = model_set(a)
     options, _ = REGIMES[regime]
-    train = ["--train"]
+    train = ["--train"] + ([] if regime == "models" or a.smoke else ["--rounds", "3"])  # fp32 steps take longer
     if a.smoke and regime != "models":  # the CPU runs fp32 anyway: only the options' path is checked
         models, train = models[:1], ["--no-peak"]
     extra = ["--modes", "eager,cudagraph", *train, *options] + (["--memory"] if regime == "models" else [])
