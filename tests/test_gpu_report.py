@@ -160,3 +160,18 @@ def test_unknown_parts_are_one_line_errors(check, capsys):
     with pytest.raises(SystemExit):
         check["parse_args"](["--smoke", "--parts", "models,speed"])
     assert "--parts: unknown part 'speed'" in capsys.readouterr().err
+
+
+def test_attention_sdpa_option_allows_only_that_backend():
+    import torch
+    import torch.nn.functional as F
+
+    attention = load_script("benchmark_attention.py")
+    q = torch.randn(1, 2, 16, 8)
+    with attention["sdpa_backend"]("math"):
+        F.scaled_dot_product_attention(q, q, q)
+    with attention["sdpa_backend"]("efficient"), pytest.raises(RuntimeError):  # no CPU kernel of that backend
+        F.scaled_dot_product_attention(q, q, q)
+    with attention["sdpa_backend"]("auto"):
+        F.scaled_dot_product_attention(q, q, q)
+    assert attention["parse_args"](["--sdpa", "flash"]).sdpa == "flash"
