@@ -99,7 +99,9 @@ class RecordLitv2Calls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def build(args, kernels: str | None, drop_path: float = 0.0) -> torch.nn.Module:
+def build(args, kernels: str | None, device: torch.device) -> torch.nn.Module:
+    """The model (seeded: the same weights every time) on ``device``, then accelerated (the Triton kernels check the
+    device they run on); no stochastic depth."""
     import timm
 
     import litv2  # noqa: F401  (registers litv2_*)
@@ -107,8 +109,8 @@ def build(args, kernels: str | None, drop_path: float = 0.0) -> torch.nn.Module:
 
     torch.manual_seed(0)
     kw = dict(TINY, img_size=args.img_size) if args.smoke else {}
-    model = timm.create_model(args.model, pretrained=False, drop_path_rate=drop_path, **kw)
-    return accelerate(model, kernels=kernels)
+    model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.0, **kw)
+    return accelerate(model.to(device), kernels=kernels)
 
 
 def autocast(device: torch.device, precision: str):
@@ -117,7 +119,7 @@ def autocast(device: torch.device, precision: str):
 
 def record_step(args, device: torch.device) -> dict:
     """One training step (forward, loss, backward) of the Triton model under :class:`RecordLitv2Calls`."""
-    model = build(args, "triton").to(device).train()
+    model = build(args, "triton", device).train()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     target = torch.randint(0, 1000, (args.batch_size,), device=device)
     recorder = RecordLitv2Calls()
@@ -190,7 +192,7 @@ def accuracy(args, device: torch.device) -> dict:
         x = torch.randn(args.accuracy_batch, 3, args.img_size, args.img_size, device=device)
         results = []
         for kernels in (None, "triton"):
-            model = build(args, kernels).to(device).train()
+            model = build(args, kernels, device).train()
             logits = model(x)
             logits.float().square().mean().backward()
             results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))

@@ -246,7 +246,10 @@ def build_model(name: str, img_size: int) -> nn.Module:
     options = {k: kwargs.pop(k) for k in ("recompute_gelu", "recompute_dwconv", "accel", "kernels") if k in kwargs}
     model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
     if name.startswith("litv2") and options.pop("accel", True):  # as training runs it (model.accel=auto)
-        litv2.accel.accelerate(model, **options)
+        # the Triton kernels check the device they will run on: accelerated on the GPU (then parked on the CPU)
+        park = options.get("kernels") == "triton" and torch.cuda.is_available()
+        litv2.accel.accelerate(model.cuda() if park else model, **options)
+        model = model.cpu() if park else model
     return model
 
 
