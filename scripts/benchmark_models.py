@@ -55,6 +55,8 @@ from _bench_common import (  # noqa: E402
     restored_process_settings, round_robin, train_step_fn,
 )
 
+from litv2.accel.cudagraphs import CaptureFailed, GraphedForward  # noqa: E402
+
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
                   "pvt_v2_b2", "faster_vit_0_224")
 LARGE_MODELS = ("swin_small_patch4_window7_224", "swin_base_patch4_window7_224", "convnext_small", "convnext_base",
@@ -291,8 +293,6 @@ def step_fn(name: str, model: nn.Module, x: torch.Tensor, amp_dtype, train: bool
     """The timed call of one row: a training step or an inference forward; ``@cudagraph`` rows replay the forward
     from a CUDA graph, ``@reduce-overhead`` rows begin a new CUDA-graph step before each call (a training step's
     outputs are not read after the next one)."""
-    from litv2.accel.cudagraphs import GraphedForward
-
     mode = mode_of(name)[1]
     if mode == "cudagraph":
         return inference_fn(GraphedForward(model), x, amp_dtype)
@@ -319,6 +319,13 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=layout)
         set_deploy(m, x, deploy=not train)
         fns[name] = step_fn(name, m, x, amp_dtype, train)
+        if mode_of(name)[1] == "cudagraph":  # captured here (the first call): a model that cannot be is marked
+            try:
+                fns[name]()
+            except CaptureFailed as e:
+                print(f"{name}: {e}", flush=True)
+                skipped[name] = "capture failed"
+                del fns[name]
     times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
                                 calls_per_sample=calls_per_sample(device, args))
     errors.update(skipped)

@@ -57,12 +57,13 @@ def test_graphed_forward_refuses_cpu_tensors_in_one_line():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, precision):
+def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, precision, monkeypatch):
     from litv2.accel import accelerate
     from litv2.accel.cudagraphs import GraphedForward
     from litv2.engine.evaluate import autocast, evaluate
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     device = torch.device("cuda")
     model = accelerate(tiny()).to(device).eval()
     graphed = GraphedForward(model)
@@ -80,3 +81,23 @@ def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, p
     for key in ("top1", "top5", "images", "skipped_images"):  # the counts: identical
         assert graphs[key] == eager[key]
     assert graphs["images"] == 29 and graphs["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+
+class HostSync(torch.nn.Module):
+    """A forward that reads a value on the host: it cannot be captured in a CUDA graph."""
+
+    def forward(self, x):
+        return x * float(x.abs().max().item() > 0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_forward_that_cannot_be_captured_is_one_error_or_runs_eagerly():
+    from litv2.accel.cudagraphs import CaptureFailed, GraphedForward
+
+    x = torch.randn(4, 3, device="cuda")
+    with pytest.raises(CaptureFailed, match="CUDA graph capture of HostSync failed"):
+        GraphedForward(HostSync())(x)
+    graphed = GraphedForward(HostSync(), fallback=True)
+    for _ in range(2):
+        assert torch.equal(graphed(x), x) and graphed.failed and graphed.captures == 0

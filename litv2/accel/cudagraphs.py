@@ -8,17 +8,27 @@ autotuning, Triton and inductor compiles happen there), then one call under ``to
 cache is off throughout (a cached cast made before the capture would be freed under the graph).
 
 The module's parameters must stay where they are (in-place updates are seen by the replays); the graph's memory
-is freed with the object. CUDA only: :class:`GraphsUnavailable` (one line) on any other device.
+is freed with the object. CUDA only: :class:`GraphsUnavailable` (one line) on any other device. A forward that
+cannot be captured (one that synchronises with the host) raises :class:`CaptureFailed`, or with ``fallback=True``
+logs one warning and runs eagerly from then on.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 from litv2.errors import UserError
 
 
 class GraphsUnavailable(UserError, RuntimeError):
     """CUDA graphs asked for where there is no CUDA device (one line)."""
+
+
+class CaptureFailed(RuntimeError):
+    """The module's forward could not be captured in a CUDA graph; the message gives the first line of why."""
 
 
 def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -29,10 +39,11 @@ class GraphedForward:
     """``GraphedForward(module)(x)``: ``module(x)`` replayed from a CUDA graph captured at the first input's shape;
     inputs of another shape run eagerly. ``captures`` and ``replays`` count what happened."""
 
-    def __init__(self, module: torch.nn.Module, warmup: int = 3):
-        self.module, self.warmup = module, max(1, int(warmup))
+    def __init__(self, module: torch.nn.Module, warmup: int = 3, fallback: bool = False):
+        self.module, self.warmup, self.fallback = module, max(1, int(warmup)), fallback
         self.graph = self.key = self.static_in = self.static_out = None
         self.captures = self.replays = 0
+        self.failed: str | None = None  # why the capture failed (fallback: every call runs eagerly)
 
     @staticmethod
     def signature(x: torch.Tensor) -> tuple:
@@ -42,8 +53,20 @@ class GraphedForward:
         if x.device.type != "cuda":
             raise GraphsUnavailable(f"CUDA graphs run on CUDA devices, not on {x.device.type} "
                                     "(trainer.cuda_graphs=false, or a CUDA device)")
+        if self.failed is not None:
+            return self.module(x)
         if self.graph is None:
-            self._capture(x)
+            try:
+                self._capture(x)
+            except Exception as e:  # noqa: BLE001 - any capture error: eager (fallback) or one clear error
+                self.release()
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                if not self.fallback:
+                    raise CaptureFailed(f"CUDA graph capture of {type(self.module).__name__} failed: {reason}") from e
+                self.failed = reason
+                log.warning("CUDA graph capture of %s failed (%s); running it eagerly", type(self.module).__name__,
+                            reason)
+                return self.module(x)
         if self.signature(x) != self.key:
             return self.module(x)
         self.static_in.copy_(x)

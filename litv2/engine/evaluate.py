@@ -32,13 +32,14 @@ def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | No
     counted exactly once whatever the world size. ``pad_to``: a smaller batch is padded with zero images to this
     size and their outputs dropped (a model compiled for static shapes then runs one graph). ``cuda_graphs``: the
     forward is captured in a CUDA graph at the first batch's shape and replayed (:mod:`litv2.accel.cudagraphs`); a
-    batch of another shape runs eagerly, so the counts are eager's.
+    batch of another shape runs eagerly, so the counts are eager's; a forward that cannot be captured runs eagerly
+    (one warning).
     """
     from litv2.accel.cudagraphs import GraphedForward
 
     was_training = model.training
     model.eval()
-    forward = GraphedForward(model) if cuda_graphs else model
+    forward = GraphedForward(model, fallback=True) if cuda_graphs else model
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images, skipped
     for images, targets, skipped in loader:
         sums[4] += skipped
