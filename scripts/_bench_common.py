@@ -49,8 +49,8 @@ def sync(device: torch.device | str) -> None:
 
 
 def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int = 5, warmup: int = 2,
-                max_seconds: float | None = None,
-                calls_per_sample: int = 1) -> tuple[dict[str, list[float]], dict[str, str]]:
+                max_seconds: float | None = None, calls_per_sample: int = 1,
+                keep_going: bool = False) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Time every callable alternately: warm-up each, then ``rounds`` rounds visiting all of them.
 
     The visiting order rotates every round, so a slow drift of the machine (thermal, other load) hits all
@@ -58,7 +58,8 @@ def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int 
     memory)``. With ``max_seconds`` the rounds stop once that much time has passed (at least one round).
     Each sample times ``calls_per_sample`` back-to-back calls and one device sync (the paper's GPU
     throughput protocol: the host queues the next call while the GPU runs the last one) and records the
-    time per call.
+    time per call. With ``keep_going`` any other error of a callable marks it ``"failed"`` too (its first line
+    printed) and the others go on.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     errors: dict[str, str] = {}
@@ -71,10 +72,12 @@ def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int 
                 fns[name]()
             sync(device)
             return (time.perf_counter() - t0) / n
-        except Exception as e:  # noqa: BLE001 - only OOM is swallowed
-            if not is_oom(e):
+        except Exception as e:  # noqa: BLE001 - only OOM is swallowed (and, keep_going, any error)
+            if not is_oom(e) and not keep_going:
                 raise
-            errors[name] = "OOM"
+            errors[name] = "OOM" if is_oom(e) else "failed"
+            if errors[name] == "failed":
+                print(f"{name} failed: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", flush=True)
             free_memory(device)
             return None
 

@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="eager",
                    help="comma list of execution modes for every model: " + ", ".join(MODES) +
                         " (rows <name>@<mode>; eager rows are <name>)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a model that fails to build or run is marked 'failed' (its error printed) instead of "
+                        "ending the run")
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
                    help="GPU fp32: TF32 matmuls and convolutions on or off (default: torch's, matmuls off)")
     p.add_argument("--inductor-freezing", action="store_true",
@@ -322,12 +325,15 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
         if mode_of(name)[1] == "cudagraph":  # captured here (the first call): a model that cannot be is marked
             try:
                 fns[name]()
-            except CaptureFailed as e:
-                print(f"{name}: {e}", flush=True)
-                skipped[name] = "capture failed"
+            except Exception as e:  # noqa: BLE001 - a capture failure, OOM (or, --keep-going, any error) marks the row
+                if not isinstance(e, CaptureFailed) and not is_oom(e) and not args.keep_going:
+                    raise
+                skipped[name] = "capture failed" if isinstance(e, CaptureFailed) else "OOM" if is_oom(e) else "failed"
+                print(f"{name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", flush=True)
                 del fns[name]
+                free_memory(device)
     times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
-                                calls_per_sample=calls_per_sample(device, args))
+                                calls_per_sample=calls_per_sample(device, args), keep_going=args.keep_going)
     errors.update(skipped)
     fns.clear()  # drops the optimizers' state (and the CUDA graphs) before memory is measured
     rates = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
@@ -384,7 +390,13 @@ def _main(args, argv=None) -> dict:
     models, rows, counted = {}, {}, {}
     for name in names:
         torch.manual_seed(0)
-        m = build_model(name, args.img_size)
+        try:
+            m = build_model(name, args.img_size)
+        except Exception as e:  # noqa: BLE001 - --keep-going: the other models still run
+            if not args.keep_going:
+                raise
+            print(f"{name} failed to build: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", flush=True)
+            continue
         models[name] = m
         arch = name.split("@")[0]  # modes and variants share their architecture's params and FLOPs
         if arch not in counted:  # counted once, on the eager module as built by default (CPU kernels)

@@ -158,13 +158,16 @@ def bench_models(a, work: Path, budget: Budget, models: list[str], extra: list[s
     """One benchmark_models.py run; its rows from its JSON, or from its progress lines if it stopped early."""
     out = work / tag
     device = ["--smoke", "--devices", "cpu"] if a.smoke else ["--devices", "cuda", "--gpu-batch-size", "64"]
-    result = run(script("benchmark_models.py", "--models", ",".join(models), *device, *extra, "--out-dir", str(out)),
+    result = run(script("benchmark_models.py", "--models", ",".join(models), *device, "--keep-going", *extra,
+                        "--out-dir", str(out)),
                  budget.timeout(timeout or a.part_timeout))
     if result["ok"]:
         payload = json.loads((out / "benchmark_models.json").read_text())
         result["rows"], result["table"] = payload["rows"], (out / "benchmark_models.md").read_text()
     else:
         result["rows"] = progress_rows(result["tail"])
+    result["notes"] = [f"{tag}: {line.strip()}" for line in result["tail"].splitlines()  # --keep-going's rows
+                       if re.search(r"(failed to build|failed|capture of \w+ failed): ", line)]
     return result
 
 
@@ -189,7 +192,7 @@ def part_models(a, work: Path, budget: Budget, regime: str) -> dict:
         models, train = models[:1], ["--no-peak"]
     extra = ["--modes", "eager,cudagraph", *train, *options] + (["--memory"] if regime == "models" else [])
     result = bench_models(a, work, budget, models, extra, regime.replace(" ", "_"))
-    result["notes"] = notes
+    result["notes"] = notes + result["notes"]
     return result
 
 
@@ -206,6 +209,7 @@ def part_compiled(a, work: Path, budget: Budget) -> dict:
             for i, m in enumerate(order)]
     result = merge(runs)
     result["rows"] = {k: v for r in runs for k, v in r.get("rows", {}).items()}
+    result["notes"] = [n for r in runs for n in r["notes"]]
     result["table"] = "\n\n".join(r["table"].strip() for r in runs if "table" in r)
     return result
 

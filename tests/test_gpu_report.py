@@ -175,3 +175,16 @@ def test_attention_sdpa_option_allows_only_that_backend():
     with attention["sdpa_backend"]("auto"):
         F.scaled_dot_product_attention(q, q, q)
     assert attention["parse_args"](["--sdpa", "flash"]).sdpa == "flash"
+
+
+def test_keep_going_marks_a_failing_callable_and_times_the_others(capsys):
+    common = load_script("_bench_common.py")
+
+    def bad():
+        raise ValueError("kernel launch failed\nmore")
+
+    times, errors = common["round_robin"]({"ok": lambda: None, "bad": bad}, rounds=2, warmup=1, keep_going=True)
+    assert errors == {"bad": "failed"} and len(times["ok"]) == 2 and not times["bad"]
+    assert "bad failed: kernel launch failed" in capsys.readouterr().out
+    with pytest.raises(ValueError):
+        common["round_robin"]({"bad": bad}, rounds=1, warmup=1)
