@@ -18,9 +18,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
-
 from litv2.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class GraphsUnavailable(UserError, RuntimeError):

@@ -530,8 +530,8 @@ def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         no_sync = info.distributed and not last and hasattr(run.train_model, "no_sync")
-        if t.compile and t.get("compile_mode") == "reduce-overhead":  # a new CUDA-graph step: none of the last
-            torch.compiler.cudagraph_mark_step_begin()                 # one's outputs is read again
+        if t.compile and t.get("compile_mode") == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph step: no output of the last one is read
         with run.train_model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(info.device, t.precision):
                 loss = run.criterion(run.train_model(images), targets)
