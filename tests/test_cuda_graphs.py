@@ -101,3 +101,18 @@ def test_a_forward_that_cannot_be_captured_is_one_error_or_runs_eagerly():
     graphed = GraphedForward(HostSync(), fallback=True)
     for _ in range(2):
         assert torch.equal(graphed(x), x) and graphed.failed and graphed.captures == 0
+
+
+def test_reduce_overhead_training_marks_each_step_for_cudagraph_trees(tmp_path, monkeypatch):
+    """trainer.compile_mode=reduce-overhead reaches torch.compile, and each micro-batch begins a new CUDA-graph step
+    (no output of the last one is read again); the stand-in compile returns the model as it is."""
+    from engine_utils import FAST, TINY_LITV2, train_in_process
+
+    compiled, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    summary = train_in_process(["data=synthetic", "aug=none", "data.img_size=32", "data.batch_size=2",
+                                "data.train_size=4", "data.val_size=2", "trainer.max_steps=1", "trainer.accum_steps=2",
+                                "trainer.compile=true", "trainer.compile_mode=reduce-overhead", *TINY_LITV2, *FAST],
+                               tmp_path)
+    assert summary["steps"] == 1 and compiled == [{"dynamic": False, "mode": "reduce-overhead"}] and len(marks) == 2
