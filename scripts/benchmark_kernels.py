@@ -15,7 +15,8 @@ TF32 off: logits and every parameter's gradient must agree within 1e-4 (max |dif
 |plain|)).
 
 ``--smoke`` runs on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set here) with a tiny LITv2 at 32x32: it
-proves the script works; its figures are interpreter timings, not GPU ones, and are labelled so.
+proves the script works (each op at its first shape only); its figures are interpreter timings, not GPU ones, and are
+labelled so.
 
     python scripts/benchmark_kernels.py                      # on a GPU: LITv2-S shapes at batch 64
     python scripts/benchmark_kernels.py --accuracy
@@ -166,10 +167,15 @@ def copy_rate(device: torch.device, megabytes: int, reps: int) -> float:
 
 
 def measure_kernels(args, device: torch.device) -> tuple[list[dict], float]:
-    calls = record_step(args, device)
+    calls = list(record_step(args, device).values())
+    if args.smoke:  # the interpreter is slow: each op at its first shape only
+        first: dict[str, dict] = {}
+        for call in calls:
+            first.setdefault(call["op"], call)
+        calls = list(first.values())
     copy = copy_rate(device, args.copy_mb, args.reps)
     rows = []
-    for call in calls.values():
+    for call in calls:
         func, a, kw = call["func"], call["args"], call["kwargs"]
         out = func(*a, **kw)  # (the warm-up call)
         moved = tensor_bytes((a, kw)) + tensor_bytes(out)
