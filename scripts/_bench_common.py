@@ -49,8 +49,8 @@ def sync(device: torch.device | str) -> None:
 
 
 def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int = 5, warmup: int = 2,
-                max_seconds: float | None = None,
-                calls_per_sample: int = 1) -> tuple[dict[str, list[float]], dict[str, str]]:
+                max_seconds: float | None = None, calls_per_sample: int = 1,
+                keep_going: bool = False) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Time every callable alternately: warm-up each, then ``rounds`` rounds visiting all of them.
 
     The visiting order rotates every round, so a slow drift of the machine (thermal, other load) hits all
@@ -58,7 +58,8 @@ def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int 
     memory)``. With ``max_seconds`` the rounds stop once that much time has passed (at least one round).
     Each sample times ``calls_per_sample`` back-to-back calls and one device sync (the paper's GPU
     throughput protocol: the host queues the next call while the GPU runs the last one) and records the
-    time per call.
+    time per call. With ``keep_going`` any other error of a callable marks it ``"failed"`` too (its first line
+    printed) and the others go on.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     errors: dict[str, str] = {}
@@ -71,10 +72,12 @@ def round_robin(fns: dict[str, Callable[[], object]], device="cpu", rounds: int 
                 fns[name]()
             sync(device)
             return (time.perf_counter() - t0) / n
-        except Exception as e:  # noqa: BLE001 - only OOM is swallowed
-            if not is_oom(e):
+        except Exception as e:  # noqa: BLE001 - only OOM is swallowed (and, keep_going, any error)
+            if not is_oom(e) and not keep_going:
                 raise
-            errors[name] = "OOM"
+            errors[name] = "OOM" if is_oom(e) else "failed"
+            if errors[name] == "failed":
+                print(f"{name} failed: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", flush=True)
             free_memory(device)
             return None
 
@@ -185,7 +188,7 @@ def calls_per_sample(device, args) -> int:
 @contextlib.contextmanager
 def restored_process_settings():
     """Around a script's work: puts back what the run sets for its own process (thread count, cuDNN autotuning,
-    the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
+    TF32, the CPU fast paths), so that ``main()`` called in-process (tests, notebooks) leaves the caller's settings
     as they were. glibc's malloc setting (``--malloc keep``) cannot be undone and stays, as does the global
     RNG state the scripts seed.
 
@@ -195,6 +198,7 @@ def restored_process_settings():
     from litv2.accel import cpu_fast_paths
 
     threads, benchmark, fast = torch.get_num_threads(), torch.backends.cudnn.benchmark, cpu_fast_paths()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     gc.collect()  # the caller's garbage goes first: frozen, it would never be collected
     gc.freeze()
     try:
@@ -203,6 +207,7 @@ def restored_process_settings():
         gc.unfreeze()
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         cpu_fast_paths(fast)
 
 

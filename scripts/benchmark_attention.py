@@ -54,6 +54,8 @@ from litv2.models.hilo import HiLo  # noqa: E402
 from litv2.profiling import count_flops_module, count_params, peak_memory  # noqa: E402
 
 FIG3_RESOLUTIONS = "224,320,448,512,640,768,896,1024"  # --resolutions fig3
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # --sdpa
 # Supplementary Table IV (params M, FLOPs M) for the rows this script reproduces.
 PAPER_TABLE_IV = {
     "MSA": (2.36, 521.4), "SRA": (4.72, 419.6), "Local Window": (2.36, 477.2), "Shifted Window": (2.36, 477.2),
@@ -132,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", default="auto", help="comma list of cpu,cuda (default: cpu, plus cuda if available; "
                    "--resolutions uses cuda if available, else cpu)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (default fp32, like the paper)")
+    p.add_argument("--sdpa", choices=list(SDPA_BACKENDS), default="auto",
+                   help="the only scaled_dot_product_attention backend allowed (e.g. flash: HiLo and MSA on the "
+                        "flash kernel); auto: torch's choice")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     add_cpu_options(p)
@@ -404,6 +409,14 @@ def main(argv=None) -> dict:
         return _main(argv)
 
 
+def sdpa_backend(name: str):
+    """``--sdpa``: a context that allows only that ``scaled_dot_product_attention`` backend (auto: all)."""
+    if SDPA_BACKENDS[name] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
 def _main(argv=None) -> dict:
     args = parse_args(argv)
     methods = model_methods(args.in_model) if args.in_model else layer_methods(args.dim, args.heads)
@@ -422,6 +435,22 @@ def _main(argv=None) -> dict:
     devices = resolve_devices(args.devices, auto_gpu_only=resolutions is not None)
     cudnn_autotune(devices)
     t0 = time.perf_counter()
+    with sdpa_backend(args.sdpa):
+        results, table, stem, machine = _run(args, methods, devices, resolutions, out_dir)
+    header = (f"Attention benchmark: batch {args.batch_size}, {args.rounds} round(s) round-robin (median), "
+              f"{'bf16 autocast' if args.amp else 'fp32'}{'' if args.sdpa == 'auto' else f', SDPA {args.sdpa} only'}"
+              f"; {machine}\n"
+              f"`python {' '.join(sys.argv) if argv is None else 'scripts/benchmark_attention.py ' + ' '.join(argv)}`")
+    print(header + "\n\n" + table)
+    (out_dir / f"{stem}.md").write_text(header + "\n\n" + table + "\n")
+    payload = {"args": vars(args), "machine": machine, "seconds": round(time.perf_counter() - t0, 1), "results": results}
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    if not args.no_plot:
+        print(f"plot: {out_dir / (stem + '.png')}")
+    return payload
+
+
+def _run(args, methods, devices, resolutions, out_dir) -> tuple[dict, str, str, str]:
     if resolutions:
         device = devices[0]
         results = run_resolutions(args, methods, device, resolutions)
@@ -437,16 +466,7 @@ def _main(argv=None) -> dict:
         if not args.no_plot:
             plot_table(results, devices, args, out_dir / f"{stem}.png")
         machine = "; ".join(machine_description(d) for d in devices)
-    header = (f"Attention benchmark: batch {args.batch_size}, {args.rounds} round(s) round-robin (median), "
-              f"{'bf16 autocast' if args.amp else 'fp32'}; {machine}\n"
-              f"`python {' '.join(sys.argv) if argv is None else 'scripts/benchmark_attention.py ' + ' '.join(argv)}`")
-    print(header + "\n\n" + table)
-    (out_dir / f"{stem}.md").write_text(header + "\n\n" + table + "\n")
-    payload = {"args": vars(args), "machine": machine, "seconds": round(time.perf_counter() - t0, 1), "results": results}
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
-    if not args.no_plot:
-        print(f"plot: {out_dir / (stem + '.png')}")
-    return payload
+    return results, table, stem, machine
 
 
 if __name__ == "__main__":

@@ -9,8 +9,14 @@ image) come from :mod:`litv2.profiling`. The machine's ``torch.mm`` GFLOP/s (fp3
 precision on GPU) is measured first so each model's achieved FLOP rate can be read as a share of that
 peak (``2 * GMACs * img/s / peak``).
 
-``--compile`` adds a ``torch.compile``d copy of every model (rows ``<name>@compile``, ``dynamic=False``,
-compiled during the warm-up, which is not timed); ``--inductor-freezing`` lets inductor fold and pre-pack
+``--modes`` times every model in each of several execution modes, one row per model and mode: ``eager`` (rows
+``<name>``), ``compile`` (``<name>@compile``: ``torch.compile(dynamic=False)``, compiled during the warm-up, which
+is not timed; ``--compile`` is ``--modes eager,compile``), ``reduce-overhead`` and ``max-autotune``
+(``<name>@reduce-overhead``, ...: ``torch.compile`` in that mode; reduce-overhead replays CUDA graphs, at training
+too) and ``cudagraph`` (``<name>@cudagraph``: the eager forward captured in a CUDA graph and replayed,
+:mod:`litv2.accel.cudagraphs`; inference on CUDA only, "n/a" elsewhere). The table marks each model's fastest mode
+per column with a ``*``. ``--tf32 on|off`` sets TF32 for fp32 matmuls and convolutions on the GPU (torch's own
+default otherwise: matmuls off, convolutions on). ``--inductor-freezing`` lets inductor fold and pre-pack
 the weights of inference graphs. ``--memory`` adds peak train (forward + backward) and test memory at the
 run's batch sizes (:func:`litv2.profiling.measure_memory`: CUDA max allocated, weights included; CPU
 peak of the tensor bytes the step allocates and holds, allocator-independent, weights excluded), the
@@ -26,6 +32,7 @@ Examples::
     python scripts/benchmark_models.py --models litv2_s,resnet50 --threads 2 --rounds 7
     python scripts/benchmark_models.py --channels-last --malloc keep   # every model in its fastest CPU setting
     python scripts/benchmark_models.py --models litv2_s,swin_tiny_patch4_window7_224 --compile --train --memory
+    python scripts/benchmark_models.py --models litv2_s --devices cuda --modes eager,compile,cudagraph --train
     python scripts/benchmark_models.py --smoke                           # seconds, tiny input, 1 round
 """
 from __future__ import annotations
@@ -48,12 +55,16 @@ from _bench_common import (  # noqa: E402
     restored_process_settings, round_robin, train_step_fn,
 )
 
+from litv2.accel.cudagraphs import CaptureFailed, GraphedForward  # noqa: E402
+
 DEFAULT_MODELS = ("litv2_s", "litv2_m", "litv2_b", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50",
                   "pvt_v2_b2", "faster_vit_0_224")
 LARGE_MODELS = ("swin_small_patch4_window7_224", "swin_base_patch4_window7_224", "convnext_small", "convnext_base",
                 "resnet101", "resnet152", "twins_pcpvt_small", "twins_svt_small", "twins_svt_base", "twins_svt_large",
                 "faster_vit_1_224", "faster_vit_2_224")
 SMOKE_MODELS = ("litv2_s", "resnet50", "faster_vit_0_224")
+MODES = ("eager", "compile", "reduce-overhead", "max-autotune", "cudagraph")  # --modes; rows <name>@<mode>
+COMPILE_SUFFIXES = {"@compile": None, "@reduce-overhead": "reduce-overhead", "@max-autotune": "max-autotune"}
 REFERENCE = "litv2_s"
 MEMORY_PEER = "swin_tiny_patch4_window7_224"
 # Paper Table 1: GPU throughput (img/s, RTX 3090, batch 64, fp32 as published) for the rows timm has.
@@ -83,7 +94,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "benchmark option; convnets' fastest CPU/GPU layout, LITv2 is channels-last inside anyway)")
     p.add_argument("--compile", action="store_true",
                    help="also time every model under torch.compile (rows <name>@compile; a name@compile in "
-                        "--models adds just that one)")
+                        "--models adds just that one); the same as --modes eager,compile")
+    p.add_argument("--modes", default="eager",
+                   help="comma list of execution modes for every model: " + ", ".join(MODES) +
+                        " (rows <name>@<mode>; eager rows are <name>)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a model that fails to build or run is marked 'failed' (its error printed) instead of "
+                        "ending the run")
+    p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="GPU fp32: TF32 matmuls and convolutions on or off (default: torch's, matmuls off)")
     p.add_argument("--inductor-freezing", action="store_true",
                    help="torch._inductor.config.freezing: inductor folds and pre-packs inference weights")
     p.add_argument("--memory", action="store_true",
@@ -101,18 +120,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("img_size", "batch_size", "gpu_batch_size", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.modes = parse_modes(args.modes, args.compile)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-def expand_models(spec: str, compile_all: bool = False) -> list[str]:
+def parse_modes(spec: str, compile_: bool = False) -> list[str]:
+    """``--modes``: the known mode names in the order given, without repeats (``--compile`` adds ``compile``);
+    ValueError naming an unknown one."""
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"--modes: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})" if unknown
+                         else "--modes is empty")
+    modes += ["compile"] if compile_ else []
+    return list(dict.fromkeys(modes))
+
+
+def mode_of(name: str) -> tuple[str, str]:
+    """``(base name, mode)`` of a row name: ``litv2_s@cudagraph`` -> ``("litv2_s", "cudagraph")``."""
+    for mode in MODES[1:]:
+        if name.endswith("@" + mode):
+            return name[:-len(mode) - 1], mode
+    return name, "eager"
+
+
+def fastest_modes(rows: dict, key: str) -> dict[str, str]:
+    """``{base model: its fastest row name}`` by ``rows[name][key]`` (img/s), among models measured in more than one
+    mode; rows without a number (OOM, n/a) do not count."""
+    best: dict[str, tuple[float, str]] = {}
+    counts: dict[str, int] = {}
+    for name, r in rows.items():
+        v = r.get(key)
+        if not isinstance(v, float):
+            continue
+        base = mode_of(name)[0]
+        counts[base] = counts.get(base, 0) + 1
+        if base not in best or v > best[base][0]:
+            best[base] = (v, name)
+    return {base: name for base, (v, name) in best.items() if counts[base] > 1}
+
+
+def expand_models(spec: str, compile_all: bool = False, modes=("eager",)) -> list[str]:
+    """The row names: every model of ``spec`` (groups expanded) in every mode (``compile_all``: plus compile);
+    a name given with a mode suffix stays as given."""
     names: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         group = {"default": DEFAULT_MODELS, "large": LARGE_MODELS}.get(item.lower(), (item,) if item else ())
         names += [n for n in group if n not in names]
     if not names:
         raise SystemExit("--models is empty")
-    if compile_all:
-        names += [f"{n}@compile" for n in names if not n.endswith("@compile") and f"{n}@compile" not in names]
+    modes = list(modes) + (["compile"] if compile_all and "compile" not in modes else [])
+    plain = [n for n in names if mode_of(n)[1] == "eager"]
+    for mode in (m for m in modes if m != "eager"):
+        names += [f"{n}@{mode}" for n in plain if f"{n}@{mode}" not in names]
+    if "eager" not in modes:
+        names = [n for n in names if n not in plain]
     return names
 
 
@@ -139,7 +204,7 @@ class PlainLinearKernel(nn.Module):
 
 # LITv2 memory options as model-name suffixes, for train memory / speed A/Bs in one run
 LITV2_VARIANTS = {"@keep-gelu": ("recompute_gelu", False), "@recompute-dwconv": ("recompute_dwconv", True),
-                  "@plain": ("accel", False)}
+                  "@plain": ("accel", False), "@triton": ("kernels", "triton")}
 
 
 def build_model(name: str, img_size: int) -> nn.Module:
@@ -150,14 +215,21 @@ def build_model(name: str, img_size: int) -> nn.Module:
     outputs for backward, as the authors' code does: the train memory / speed A/B of that option);
     ``<litv2 name>@recompute-dwconv`` builds it with ``recompute_dwconv=True`` (its ConvFFNs recompute the
     depthwise-conv outputs in backward too); ``<litv2 name>@plain`` is the model as written, without litv2.accel
-    (``model.accel=none``); these suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
-    ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``).
+    (``model.accel=none``); ``<litv2 name>@triton`` adds the Triton kernels (``model.kernels=triton``); these
+    suffixes combine, e.g. ``litv2_s@keep-gelu@recompute-dwconv``;
+    ``<name>@compile`` wraps the model in ``torch.compile(dynamic=False)`` (as ``trainer.compile=true``),
+    ``<name>@reduce-overhead`` / ``@max-autotune`` in ``torch.compile`` in that mode (``trainer.compile_mode``);
+    ``<name>@cudagraph`` is the eager model, timed as a CUDA-graph replay (see :func:`measure`).
     """
     import timm
 
     import litv2  # noqa: F401  (registers litv2_*)
-    if name.endswith("@compile"):
-        return torch.compile(build_model(name[:-len("@compile")], img_size), dynamic=False)
+    for suffix, mode in COMPILE_SUFFIXES.items():
+        if name.endswith(suffix):
+            kw = {"mode": mode} if mode else {}
+            return torch.compile(build_model(name[:-len(suffix)], img_size), dynamic=False, **kw)
+    if name.endswith("@cudagraph"):
+        return build_model(name[:-len("@cudagraph")], img_size)
     if name.endswith("@addmm"):
         return PlainLinearKernel(build_model(name[:-len("@addmm")], img_size)).eval()
     kwargs = {}
@@ -176,10 +248,13 @@ def build_model(name: str, img_size: int) -> nn.Module:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
         raise SystemExit(f"unknown model {name!r} (not in timm's registry)")
-    options = {k: kwargs.pop(k) for k in ("recompute_gelu", "recompute_dwconv", "accel") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("recompute_gelu", "recompute_dwconv", "accel", "kernels") if k in kwargs}
     model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
     if name.startswith("litv2") and options.pop("accel", True):  # as training runs it (model.accel=auto)
-        litv2.accel.accelerate(model, **options)
+        # the Triton kernels check the device they will run on: accelerated on the GPU (then parked on the CPU)
+        park = options.get("kernels") == "triton" and torch.cuda.is_available()
+        litv2.accel.accelerate(model.cuda() if park else model, **options)
+        model = model.cpu() if park else model
     return model
 
 
@@ -217,19 +292,50 @@ def peak_memory_mb(model: nn.Module, device: torch.device, batch: int, args, amp
         return "OOM"
 
 
+def step_fn(name: str, model: nn.Module, x: torch.Tensor, amp_dtype, train: bool):
+    """The timed call of one row: a training step or an inference forward; ``@cudagraph`` rows replay the forward
+    from a CUDA graph, ``@reduce-overhead`` rows begin a new CUDA-graph step before each call (a training step's
+    outputs are not read after the next one)."""
+    mode = mode_of(name)[1]
+    if mode == "cudagraph":
+        return inference_fn(GraphedForward(model), x, amp_dtype)
+    fn = (train_step_fn if train else inference_fn)(model, x, amp_dtype)
+    if mode != "reduce-overhead":
+        return fn
+
+    def marked():
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+    return marked
+
+
 def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args, amp_dtype,
             train: bool) -> tuple[dict, dict]:
     """img/s of every model (round-robin) and, with ``--memory``, its peak memory (MiB) afterwards."""
-    fns = {}
+    fns, skipped = {}, {}
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     for name, m in models.items():
+        if mode_of(name)[1] == "cudagraph" and (train or device.type != "cuda"):
+            skipped[name] = "n/a"  # an inference forward on CUDA only (training: @reduce-overhead)
+            continue
         m.to(device, memory_format=layout)
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=layout)
         set_deploy(m, x, deploy=not train)
-        fns[name] = (train_step_fn if train else inference_fn)(m, x, amp_dtype)
+        fns[name] = step_fn(name, m, x, amp_dtype, train)
+        if mode_of(name)[1] == "cudagraph":  # captured here (the first call): a model that cannot be is marked
+            try:
+                fns[name]()
+            except Exception as e:  # noqa: BLE001 - a capture failure, OOM (or, --keep-going, any error) marks the row
+                if not isinstance(e, CaptureFailed) and not is_oom(e) and not args.keep_going:
+                    raise
+                skipped[name] = "capture failed" if isinstance(e, CaptureFailed) else "OOM" if is_oom(e) else "failed"
+                print(f"{name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", flush=True)
+                del fns[name]
+                free_memory(device)
     times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
-                                calls_per_sample=calls_per_sample(device, args))
-    fns.clear()  # drops the optimizers' state before memory is measured
+                                calls_per_sample=calls_per_sample(device, args), keep_going=args.keep_going)
+    errors.update(skipped)
+    fns.clear()  # drops the optimizers' state (and the CUDA graphs) before memory is measured
     rates = {name: errors.get(name) or median_rate(times[name], batch) for name in models}
     for m in models.values():
         m.zero_grad(set_to_none=True)
@@ -238,8 +344,8 @@ def measure(models: dict[str, nn.Module], device: torch.device, batch: int, args
     memory = {}
     if args.memory:  # after the timing, so compiled models are compiled already
         for name, m in models.items():  # one model on the device at a time: its peak holds no other's weights
-            if name in errors:
-                memory[name] = errors[name]
+            if name in errors or mode_of(name)[1] == "cudagraph":  # a replayed graph: its eager row's memory
+                memory[name] = errors.get(name)
                 continue
             m.to(device, memory_format=layout)
             memory[name] = peak_memory_mb(m, device, batch, args, amp_dtype, train)  # leaves no gradients
@@ -268,7 +374,9 @@ def _main(args, argv=None) -> dict:
     apply_cpu_options(args)
     devices = resolve_devices(args.devices)
     cudnn_autotune(devices)
-    names = expand_models(args.models, args.compile)
+    names = expand_models(args.models, modes=args.modes)
+    if args.tf32 != "default" and any(d.type == "cuda" for d in devices):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     t0 = time.perf_counter()
 
     peak, peak_dtype = {}, {}
@@ -279,13 +387,22 @@ def _main(args, argv=None) -> dict:
             peak[d.type] = matmul_peak_gflops(d, n=1024 if args.smoke else (2048 if d.type == "cpu" else 8192),
                                               dtype=dtype)
 
-    models, rows = {}, {}
+    models, rows, counted = {}, {}, {}
     for name in names:
         torch.manual_seed(0)
-        m = build_model(name, args.img_size)
+        try:
+            m = build_model(name, args.img_size)
+        except Exception as e:  # noqa: BLE001 - --keep-going: the other models still run
+            if not args.keep_going:
+                raise
+            print(f"{name} failed to build: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", flush=True)
+            continue
         models[name] = m
-        plain = getattr(m, "_orig_mod", m)  # FLOPs are counted on the eager module
-        rows[name] = {"params": count_params(plain), "gflops": count_flops(plain, args.img_size) / 1e9}
+        arch = name.split("@")[0]  # modes and variants share their architecture's params and FLOPs
+        if arch not in counted:  # counted once, on the eager module as built by default (CPU kernels)
+            plain = m if name == arch else build_model(arch, args.img_size)
+            counted[arch] = {"params": count_params(plain), "gflops": count_flops(plain, args.img_size) / 1e9}
+        rows[name] = dict(counted[arch])
 
     runs = []  # (column key, device, batch, amp dtype, train)
     for d in devices:
@@ -322,11 +439,13 @@ def _main(args, argv=None) -> dict:
     if "gpu" in [r[0] for r in runs]:
         headers += ["Paper GPU img/s"]
     table = []
+    fastest = {key: fastest_modes(rows, f"{key}_img_s") for key, *_ in runs}
     for name, r in rows.items():
         row = [name, f"{r['params'] / 1e6:.1f}", f"{r['gflops']:.2f}"]
         for key, d, batch, amp, train in runs:
             v = r.get(f"{key}_img_s")
-            row.append(fmt(v, ".1f"))
+            r[f"{key}_fastest"] = fastest[key].get(mode_of(name)[0]) == name
+            row.append(fmt(v, ".1f") + (" *" if r[f"{key}_fastest"] else ""))
             if ref is not None:
                 rv = ref.get(f"{key}_img_s")
                 ratio = v / rv if isinstance(v, float) and isinstance(rv, float) else None
@@ -348,6 +467,8 @@ def _main(args, argv=None) -> dict:
               f"{args.rounds} round(s), median; {machine}; malloc {args.malloc}"
               + ("; channels-last" if args.channels_last else "")
               + ("; inductor freezing" if args.inductor_freezing else "")
+              + (f"; TF32 {args.tf32}" if args.tf32 != "default" else "")
+              + ("; * the model's fastest mode" if any(fastest.values()) else "")
               + (f"; {calls_per_sample('cuda', args)} back-to-back calls per GPU sample"
                  if any(d.type == "cuda" for d in devices) else "")
               + ("; FasterViT in deploy mode at inference" if any("faster_vit" in n for n in models) else "")

@@ -32,6 +32,7 @@ ACCEL_MODES = ("auto", "none")
 ACCEL_KEYS = ("accel", "recompute_gelu", "recompute_dwconv", "kernels")
 KERNELS = (None, "auto", "triton")  # model.kernels (litv2.accel.accelerate's kernels)
 DATASETS = ("imagenet", "folder", "shards", "digits", "synthetic")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # trainer.compile_mode (torch.compile's mode)
 log = logging.getLogger(__name__)
 
 
@@ -96,6 +97,7 @@ def check_config(cfg, training: bool = True):
     t = cfg.trainer
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_compile_options(t)
     if not training:
         return
     if t.accum_steps < 1:
@@ -106,6 +108,33 @@ def check_config(cfg, training: bool = True):
         raise UserError(f"trainer.resume={t.resume}: no such checkpoint file (use auto, none or a .pth path)")
     if t.init_from is not None and not is_url(str(t.init_from)) and not Path(str(t.init_from)).is_file():
         raise UserError(f"trainer.init_from={t.init_from}: no such checkpoint file (a file or an http(s) URL)")
+
+
+def check_compile_options(t) -> None:
+    """trainer.compile_mode and trainer.cuda_graphs: known values, and CUDA graphs only where CUDA is."""
+    mode = t.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise UserError(f"trainer.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if mode != "default" and not t.get("compile", False):
+        raise UserError(f"trainer.compile_mode={mode} needs trainer.compile=true")
+    graphs = t.get("cuda_graphs", False)
+    if not isinstance(graphs, bool):
+        raise UserError(f"trainer.cuda_graphs={graphs!r} must be true or false")
+    if graphs:
+        device = str(t.get("device", "auto"))
+        if not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+            raise UserError(f"trainer.cuda_graphs=true needs a CUDA device (trainer.device={device}"
+                            f"{', no CUDA here' if device == 'auto' else ''})")
+        if t.get("compile", False) and mode == "reduce-overhead":
+            raise UserError("trainer.cuda_graphs=true with trainer.compile_mode=reduce-overhead: both capture CUDA "
+                            "graphs; use one of them")
+
+
+def compile_model(model: torch.nn.Module, trainer_cfg) -> torch.nn.Module:
+    """``torch.compile(model, dynamic=False, mode=trainer.compile_mode)``. Static shapes: a new input shape compiles
+    a new graph instead of switching to symbolic sizes (with a symbolic image size inductor fails to lower LITv2)."""
+    mode = trainer_cfg.get("compile_mode", "default")
+    return torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
 
 
 def model_kwargs(model_cfg) -> dict:

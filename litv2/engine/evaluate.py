@@ -25,15 +25,21 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | None = None,
-             channels_last: bool = False, pad_to: int | None = None) -> dict:
+             channels_last: bool = False, pad_to: int | None = None, cuda_graphs: bool = False) -> dict:
     """Top-1, top-5 (%), mean cross-entropy and the image count, exact across ranks.
 
     Each rank evaluates its own shard (no padding); sums are all-reduced, so every val image is
     counted exactly once whatever the world size. ``pad_to``: a smaller batch is padded with zero images to this
-    size and their outputs dropped (a model compiled for static shapes then runs one graph).
+    size and their outputs dropped (a model compiled for static shapes then runs one graph). ``cuda_graphs``: the
+    forward is captured in a CUDA graph at the first batch's shape and replayed (:mod:`litv2.accel.cudagraphs`); a
+    batch of another shape runs eagerly, so the counts are eager's; a forward that cannot be captured runs eagerly
+    (one warning).
     """
+    from litv2.accel.cudagraphs import GraphedForward
+
     was_training = model.training
     model.eval()
+    forward = GraphedForward(model, fallback=True) if cuda_graphs else model
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images, skipped
     for images, targets, skipped in loader:
         sums[4] += skipped
@@ -50,7 +56,7 @@ def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | No
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            logits = model(images)
+            logits = forward(images)
         logits = logits[:n].float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -59,6 +65,8 @@ def evaluate(model, loader, device, precision: str = "fp32", info: DistInfo | No
         sums[1] += hit.any(dim=1).sum()
         sums[2] += F.cross_entropy(logits, targets, reduction="sum")
         sums[3] += len(targets)
+    if cuda_graphs:
+        forward.release()
     if info is not None:
         all_reduce_sum(sums, info)
     model.train(was_training)
@@ -172,7 +180,7 @@ def _run_eval(cfg, state, checkpoint, pretrained: bool, root, info) -> dict:
     from litv2.data import build_eval_loader
     from litv2.logging import format_table
 
-    from .builders import apply_accel, build_model
+    from .builders import apply_accel, build_model, compile_model
 
     model = build_model(cfg, pretrained=pretrained)
     if checkpoint is not None:
@@ -183,12 +191,14 @@ def _run_eval(cfg, state, checkpoint, pretrained: bool, root, info) -> dict:
     apply_accel(model, cfg)
     results = {}
     if not cfg.profile_only:
-        eval_model = torch.compile(model, dynamic=False) if cfg.trainer.compile else model
+        eval_model = compile_model(model, cfg.trainer) if cfg.trainer.compile else model
         loader = build_eval_loader(cfg.data, root, info.rank, info.world_size, device=info.device)
-        # compiled with static shapes: the last, smaller batch is padded to the others' size (no second compile)
+        # compiled with static shapes: the last, smaller batch is padded to the others' size (no second compile);
+        # with CUDA graphs it runs eagerly (or, compiled too, padded) and the full batches replay the graph
+        graphs = bool(cfg.trainer.get("cuda_graphs", False))
         results.update(evaluate(eval_model, loader, info.device, cfg.trainer.precision, info,
                                 channels_last=cfg.trainer.channels_last,
-                                pad_to=cfg.data.batch_size if cfg.trainer.compile else None))
+                                pad_to=cfg.data.batch_size if cfg.trainer.compile else None, cuda_graphs=graphs))
     if cfg.profile.enabled or cfg.profile_only:
         results.update(profile_model(cfg, info.device, None if cfg.profile_only else model.state_dict()))
     if info.is_main:

@@ -32,7 +32,7 @@ from litv2.logging import RunLogger, log
 
 from . import checkpoint as ckpt
 from .builders import apply_accel, apply_process_settings, build_model, build_optimizer, build_scheduler, \
-    check_config, lr_scale, process_settings, tf32_enabled
+    check_config, compile_model, lr_scale, process_settings, tf32_enabled
 from .distributed import (DistInfo, RankFailed, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup,
                           collective_error, failure_watch, init_distributed, rank_ordered_mean, sync_buffers)
 from .evaluate import autocast, evaluate, load_weights, profile_model
@@ -315,10 +315,8 @@ def _wrap_for_training(model, cfg, info: DistInfo):
             gradient_as_bucket_view=True)
         if cfg.trainer.deterministic and info.world_size > 2:  # bit-exact resume (two ranks sum commutatively)
             train_model.register_comm_hook(None, rank_ordered_mean)
-    if cfg.trainer.compile:
-        # Static shapes: a new input shape compiles a new graph instead of switching to symbolic sizes; with a
-        # symbolic image size inductor fails to lower LITv2 ("cannot determine truth value").
-        train_model = torch.compile(train_model, dynamic=False)
+    if cfg.trainer.compile:  # static shapes, trainer.compile_mode (see builders.compile_model)
+        train_model = compile_model(train_model, cfg.trainer)
     return train_model
 
 
@@ -562,6 +560,8 @@ def _forward_backward(run: Run, batches) -> tuple[torch.Tensor, int, int]:
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         no_sync = info.distributed and not last and hasattr(run.train_model, "no_sync")
+        if t.compile and t.get("compile_mode") == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph step: no output of the last one is read
         with run.train_model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(info.device, t.precision):
                 loss = run.criterion(run.train_model(images), targets)
@@ -667,11 +667,13 @@ def validate(run: Run, epoch: int) -> None:
     """Val metrics of the model (and its EMA), logged; a new best top-1 saves best.pth."""
     t, p, info = run.cfg.trainer, run.progress, run.info
     sync_buffers(run.model, info)  # rank 0's BatchNorm statistics everywhere: metrics independent of the layout
-    metrics = evaluate(run.model, run.val_loader, info.device, t.precision, info, t.channels_last)
+    graphs = bool(t.get("cuda_graphs", False))
+    metrics = evaluate(run.model, run.val_loader, info.device, t.precision, info, t.channels_last, cuda_graphs=graphs)
     row = {"step": p.global_step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
     if run.ema is not None:
         sync_buffers(run.ema.module, info)
-        ema_metrics = evaluate(run.ema.module, run.val_loader, info.device, t.precision, info, t.channels_last)
+        ema_metrics = evaluate(run.ema.module, run.val_loader, info.device, t.precision, info, t.channels_last,
+                               cuda_graphs=graphs)
         row.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
         metrics["ema_top1"], metrics["ema_top5"] = ema_metrics["top1"], ema_metrics["top5"]
     p.last_eval = metrics
