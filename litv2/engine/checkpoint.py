@@ -417,7 +417,8 @@ def check_resumable(cfg, state: dict, source) -> None:
 # Keys that say when to stop, log or save, where things are, or how fast it runs: not the recipe.
 _NOT_RECIPE = ("name", "paths", "trainer.max_steps", "trainer.log_every", "trainer.eval_every",
                "trainer.ckpt_every_steps", "trainer.signal_exit_code", "trainer.on_nonfinite", "trainer.device",
-               "trainer.compile", "trainer.channels_last", "trainer.tf32", "trainer.cpu_keep_freed_memory",
+               "trainer.compile", "trainer.compile_mode", "trainer.cuda_graphs", "trainer.channels_last", "trainer.tf32",
+               "trainer.cpu_keep_freed_memory",
                "model.accel", "model.recompute_gelu", "model.recompute_dwconv", "model.kernels")
 
 
