@@ -18,7 +18,7 @@ not run, so a report always comes out):
    Triton LITv2-S against plain in fp32, TF32 off (logits and gradients within 1e-4);
 5. ``train``: 200 steps of LITv2-S training on synthetic data in bf16 with ``kernels=triton``, in bf16 and in fp16:
    the loss must stay finite and fall;
-6. ``tests``: ``tests/test_gpu.py`` and ``tests/test_cuda_graphs.py``;
+6. ``tests``: ``tests/test_gpu.py``, ``tests/test_cuda_graphs.py`` and the Triton kernel tests on CUDA tensors;
 7. ``compiled``: ``benchmark_models.py --modes compile`` (bf16, inference and training), one model per subprocess,
    LITv2-S and Swin-T first (compiling takes minutes: what the budget leaves);
 8. ``dtm``: ``benchmark_dtm.py --devices cuda``; 9. ``recompute``: the ConvFFN recompute A/B; 10. ``data``:
@@ -125,8 +125,11 @@ def has_fastervit() -> bool:
 
 
 def part_tests(a, work: Path, budget: Budget) -> dict:
+    # on a GPU the Triton kernel tests run on CUDA tensors (bf16 tl.dot included); on a CPU they need the
+    # interpreter and minutes, which the smoke run leaves to make test's own line
+    kernels = [] if a.smoke else ["tests/test_triton.py", "tests/test_triton_hilo.py", "tests/test_triton_dtm.py"]
     result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
-                  "tests/test_cuda_graphs.py"], budget.timeout(a.part_timeout),
+                  "tests/test_cuda_graphs.py", *kernels], budget.timeout(a.part_timeout),
                  env={"LITV2_TEST_DEVICE": "cpu"} if a.smoke else None)
     last = [line for line in result["tail"].splitlines() if " passed" in line or " failed" in line]
     result["summary"] = last[-1] if last else "no pytest summary"
