@@ -276,5 +276,7 @@ def test_every_kernel_compiles_for_hopper_without_spills():
             assert sum(s.startswith(name) and s.endswith(f" {side}x{side}") for s in shapes) == 2 * launches, (name,
                                                                                                             side)
         assert sum(s.startswith(name) and s.endswith(" (DTM)") for s in shapes) == 2 * 3 * 2, name  # 3 DTMs
+        assert sum(s.startswith(name) and s.endswith(" (TF32)") for s in shapes) == 3 + 3, name  # fp32 Lo-Fi, 2 maps
+    assert any(r["blocks"].get("TF32") for r in rows) and any(r["blocks"].get("TF32") is False for r in rows)
     for r in rows:
         assert r["n_spills"] == 0 and r["shared"] <= 227 * 1024 and r["n_regs"] * r["num_warps"] * 32 <= 65536, r

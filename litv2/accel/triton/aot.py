@@ -157,9 +157,15 @@ def _hilo_launches(attn, x, low, key: str) -> dict:
         part_b = torch.empty(2, 2 * Dh, dtype=torch.float32, device="meta")
         launches[f"hifi_bwd {key}"] = hilo.hifi_bwd_launch(p, bias, out, out, lse, p, part_b, *args)
     if attn.l_heads:
-        launches[f"lofi_fwd {key}"] = hilo.lofi_fwd_launch(p, kv, out, lse, *args)
-        launches[f"lofi_bwd_dkdv {key}"] = hilo.lofi_bwd_dkdv_launch(p, kv, out, out, lse, kv, *args)
-        launches[f"lofi_bwd_dq {key}"] = hilo.lofi_bwd_dq_launch(p, kv, out, out, lse, p, *args)
+        for tf32 in (False, True) if low == torch.float32 else (False,):  # fp32: IEEE and, where allowed, TF32 dots
+            old, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
+            try:
+                tag = " (TF32)" if tf32 else ""
+                launches[f"lofi_fwd {key}{tag}"] = hilo.lofi_fwd_launch(p, kv, out, lse, *args)
+                launches[f"lofi_bwd_dkdv {key}{tag}"] = hilo.lofi_bwd_dkdv_launch(p, kv, out, out, lse, kv, *args)
+                launches[f"lofi_bwd_dq {key}{tag}"] = hilo.lofi_bwd_dq_launch(p, kv, out, out, lse, p, *args)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
     if attn.l_heads and s > 1:
         param, stats = torch.empty(C, dtype=torch.float32, device="meta"), lse[..., 0]
         parts = torch.empty(2, C, dtype=torch.float32, device="meta")

@@ -144,11 +144,13 @@ def hifi_bwd(P, Bias, Out, DOut, Lse, DP, PartB, R, H, W, Hg, Wg, Cp, Co, Dh, D,
 # ---- Lo-Fi: every query against the pooled keys -------------------------------------------------------------------
 
 @triton.jit
-def _dot(a, b, F32: tl.constexpr):
+def _dot(a, b, F32: tl.constexpr, TF32: tl.constexpr):
     """``a @ b`` in fp32; F32: on operands upcast to fp32 first (Triton's interpreter multiplies bf16 operands as
-    their integer bits)."""
+    their integer bits); TF32: fp32 operands rounded to TF32 (torch's allow_tf32), else IEEE fp32 products."""
     if F32:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif TF32:
+        c = tl.dot(a, b, input_precision="tf32")
     else:
         c = tl.dot(a, b, input_precision="ieee")
     return c
@@ -156,7 +158,8 @@ def _dot(a, b, F32: tl.constexpr):
 
 @triton.jit
 def lofi_fwd(P, KV, Out, Lse, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_off, L, scale,
-             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+             TF32: tl.constexpr):
     """Flash attention of BLOCK_Q queries (of ``N``) of image and Lo-Fi head ``program_id(1)`` (``b * L + head``)
     against the image's ``M`` keys, BLOCK_K at a time."""
     bh = tl.program_id(1)
@@ -179,13 +182,13 @@ def lofi_fwd(P, KV, Out, Lse, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_o
         kmask = k_ok[:, None] & c_ok[None, :]
         k = tl.load(KV + kbase, mask=kmask, other=0.0)
         v = tl.load(KV + kbase + Dl, mask=kmask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale
+        s = _dot(q, tl.trans(k), DOT_F32, TF32) * scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32, TF32)
         m = m_new
     tl.store(Out + qrow[:, None] * Co + o_off + head * D + cols[None, :], (acc / l[:, None]).to(Out.dtype.element_ty),
              mask=q_ok[:, None] & c_ok[None, :])
@@ -194,7 +197,8 @@ def lofi_fwd(P, KV, Out, Lse, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_o
 
 @triton.jit
 def lofi_bwd_dkdv(P, KV, Out, DOut, Lse, DKV, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_off, L, scale,
-                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                  TF32: tl.constexpr):
     """dk and dv of BLOCK_K keys of image and Lo-Fi head ``program_id(1)``, over all ``N`` queries, BLOCK_Q at a
     time (probabilities from the saved logsumexp), stored in DKV."""
     bh = tl.program_id(1)
@@ -220,19 +224,20 @@ def lofi_bwd_dkdv(P, KV, Out, DOut, Lse, DKV, N, M, Cp, Ckv, Co, q_off, o_off, D
         do = tl.load(DOut + obase, mask=qmask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * tl.load(Out + obase, mask=qmask, other=0.0).to(tl.float32), axis=1)
         lse = tl.load(Lse + qrow * HEADS + h_off + head, mask=q_ok, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale
+        s = _dot(q, tl.trans(k), DOT_F32, TF32) * scale
         p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_F32)
-        dp = _dot(do, tl.trans(v), DOT_F32)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_F32, TF32)
+        dp = _dot(do, tl.trans(v), DOT_F32, TF32)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_F32)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_F32, TF32)
     tl.store(DKV + kbase, (dk * scale).to(DKV.dtype.element_ty), mask=kmask)
     tl.store(DKV + kbase + Dl, dv.to(DKV.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
 def lofi_bwd_dq(P, KV, Out, DOut, Lse, DP, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_off, L, scale,
-                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                TF32: tl.constexpr):
     """dq of BLOCK_Q queries of image and Lo-Fi head ``program_id(1)`` over the image's ``M`` keys, stored in DP
     at Lo-Fi q's channels."""
     bh = tl.program_id(1)
@@ -258,11 +263,11 @@ def lofi_bwd_dq(P, KV, Out, DOut, Lse, DP, N, M, Cp, Ckv, Co, q_off, o_off, Dl, 
         kmask = k_ok[:, None] & c_ok[None, :]
         k = tl.load(KV + kbase, mask=kmask, other=0.0)
         v = tl.load(KV + kbase + Dl, mask=kmask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale
+        s = _dot(q, tl.trans(k), DOT_F32, TF32) * scale
         p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), DOT_F32)
+        dp = _dot(do, tl.trans(v), DOT_F32, TF32)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_F32)
+        dq += _dot(ds.to(k.dtype), k, DOT_F32, TF32)
     tl.store(DP + qbase, (dq * scale).to(DP.dtype.element_ty), mask=qmask)
 
 
