@@ -87,6 +87,7 @@ def layer_methods(dim: int, heads: int) -> dict[str, tuple[str, Callable[[int], 
     """key -> (display name, builder(map side) -> module) for the single-layer benchmark."""
     return {
         "hilo": ("HiLo", lambda s: HiLo(dim, heads, window_size=2, alpha=0.9)),
+        "hilo@triton": ("HiLo (Triton)", lambda s: HiLo(dim, heads, window_size=2, alpha=0.9)),
         "msa": ("MSA", lambda s: MultiHeadSelfAttention(dim, heads)),
         "sra": ("SRA", lambda s: SpatialReductionAttention(dim, heads, sr_ratio=2)),
         "local": ("Local Window", lambda s: WindowAttention(dim, heads, window_size=7, shift_size=0)),
@@ -161,9 +162,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# Methods run on litv2.accel's Triton kernels (accelerate(kernels="triton")): on CUDA, or on CPU under Triton's
+# interpreter; only when named (not in "all"). Their params and FLOPs are the plain layer's.
+TRITON_METHODS = {"hilo@triton"}
+
+
 def select_methods(all_methods: dict, spec: str) -> dict:
     if spec == "all":
-        return all_methods
+        return {k: v for k, v in all_methods.items() if k not in TRITON_METHODS}
     keys = [k.strip().lower() for k in spec.split(",") if k.strip()]
     unknown = [k for k in keys if k not in all_methods]
     if unknown:
@@ -233,13 +239,23 @@ def run_table(args, methods: dict, devices: list[torch.device]) -> dict:
         modules[key] = m
         results[key] = {"name": name, "params": params, "flops": flops}
     for device in devices:
-        fns = {}
+        fns, unavailable = {}, {}
         for key, m in modules.items():
             m.to(device)
+            if key in TRITON_METHODS:
+                from litv2.accel.triton import TritonUnavailable
+                try:
+                    accelerate(m, kernels="triton")
+                except TritonUnavailable:
+                    unavailable[key] = "n/a (Triton kernels: CUDA, or TRITON_INTERPRET=1)"
+                    continue
             fns[key] = forward_fn(m, make_input(args, size, args.batch_size, device), args.amp)
         times, errors = round_robin(fns, device, rounds=args.rounds, warmup=args.warmup, max_seconds=args.max_seconds,
                                     calls_per_sample=calls_per_sample(device, args))
         for key in modules:
+            if key in unavailable:
+                results[key][f"{device.type}_img_s"], results[key][f"{device.type}_rounds"] = unavailable[key], 0
+                continue
             results[key][f"{device.type}_img_s"] = errors.get(key) or median_rate(times[key], args.batch_size)
             results[key][f"{device.type}_rounds"] = len(times[key])
         for m in modules.values():
@@ -276,7 +292,7 @@ def plot_table(results: dict, devices: list[torch.device], args, path: Path) -> 
     import matplotlib.pyplot as plt
 
     names = [r["name"] for r in results.values()]
-    colors = ["tab:red" if n.endswith("HiLo") else "tab:blue" for n in names]
+    colors = ["tab:red" if "HiLo" in n else "tab:blue" for n in names]
     panels = [("FLOPs (M)" if not args.in_model else "FLOPs (G)",
                [r["flops"] / (1e6 if not args.in_model else 1e9) for r in results.values()])]
     for d in devices:

@@ -69,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def registered_ops() -> list[str]:
-    """Every op of the ``litv2`` namespace the dispatcher knows (after litv2.accel.triton.ops registered its own)."""
+    """Every op of the ``litv2`` namespace the dispatcher knows (importing litv2.accel.triton.modules registers them
+    all: the HiLo and DTM ops too)."""
+    from litv2.accel.triton import modules  # noqa: F401
+
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(NAMESPACE))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,11 @@ def train_in_process(overrides, run_dir):
     from litv2.engine import train
 
     return train(compose(overrides), run_dir=run_dir)
+
+
+def load_script(name: str) -> dict:
+    """The globals of ``scripts/<name>`` run as a module (not as ``__main__``): its functions, for in-process tests."""
+    return runpy.run_path(str(ROOT / "scripts" / name), run_name=f"_test_{Path(name).stem}")
 
 
 def run_script(script: str, args, timeout: int = 180, cwd=ROOT) -> subprocess.CompletedProcess:

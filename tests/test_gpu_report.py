@@ -1,15 +1,8 @@
 """The GPU report's machinery on CPU: benchmark_models' execution modes and fastest-mode marks, gpu_check's
 targets read from a synthetic results dict."""
-import runpy
-from pathlib import Path
-
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str) -> dict:
-    return runpy.run_path(str(SCRIPTS / name), run_name=f"_test_{Path(name).stem}")
+from engine_utils import load_script
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +108,9 @@ def test_targets_pass_fail_and_not_measured_from_measured_values_only(check):
     assert get("bf16 training LITv2-S ≥ 1.3× Swin-T, fastest")[0].startswith("1.05× (litv2_s 100 vs")
     assert get("peak train memory") == ("0.70× (700 vs 1000 MiB)", "**met**")
     assert get("HiLo layer") == ("1.20×", "**not met**")
+    faster = synthetic_results()
+    faster["attention"]["results"]["hilo@triton"] = {"cuda_img_s": 4000.0}  # the faster HiLo counts
+    assert next(v for t, m, v in check["targets"](faster, smoke=False) if t.startswith("HiLo layer")) == "**met**"
     assert get("memory-bound Triton kernels")[1] == "**not met**" and "55 %" in get("memory-bound Triton kernels")[0]
     assert get("LITv2-S kernels=triton equals plain")[1] == "**met**"
     assert get("train bf16 triton: 200 steps") == ("6.900 → 5.000", "**met**")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from engine_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -22,10 +23,6 @@ def run_script(name: str, *args: str, timeout: int = 300) -> str:
                           timeout=timeout)
     assert proc.returncode == 0, f"{name} failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
     return proc.stdout
-
-
-def load_script(name: str) -> dict:
-    return runpy.run_path(str(SCRIPTS / name), run_name=f"_test_{Path(name).stem}")
 
 
 def png_size(path: Path) -> tuple[int, int]:
