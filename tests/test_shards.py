@@ -269,6 +269,7 @@ def test_an_unfinished_conversion_is_refused_and_a_rerun_finishes_it(digits, tmp
                                               "--workers", "2"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "complete:" in proc.stdout and "val: 12 records of 12 images" in proc.stdout
+    assert "lightning.ai" not in proc.stdout + proc.stderr  # LitData's advert line is left out
     assert {p.name: p.stat().st_ino for p in (dst / "train").iterdir()} == train_files  # kept as published
     assert not list(dst.glob(".work-*")) and dataset_index(_shards_cfg(dst).data).records == {"train": 40, "val": 12}
 

@@ -10,6 +10,7 @@ keeps the published splits, deletes the unfinished ones and writes them again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -150,11 +152,40 @@ def _split(src: Path, dst: Path, split: str, files: dict, classes: list, options
     return summary
 
 
+class _WithoutAdverts(io.TextIOBase):
+    """Standard output less the line LitData's optimize prints to advertise its hosted service."""
+
+    ADVERT = "Create an account on https://lightning.ai/"
+
+    def __init__(self, out):
+        self.out, self.pending = out, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not line.startswith(self.ADVERT):
+                self.out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and not self.pending.startswith(self.ADVERT):
+            self.out.write(self.pending)
+        self.pending = ""
+        self.out.flush()
+
+
 def _optimize(inputs, out: Path, chunk_mb: float, workers: int):
     from litdata import optimize
 
-    optimize(fn=encode_record, inputs=inputs, output_dir=str(out), chunk_bytes=max(1, int(chunk_mb * 1e6)),
-             num_workers=workers, keep_data_ordered=True, reorder_files=False, mode="overwrite", start_method="fork")
+    quiet = _WithoutAdverts(sys.stdout)
+    with contextlib.redirect_stdout(quiet):
+        try:
+            optimize(fn=encode_record, inputs=inputs, output_dir=str(out), chunk_bytes=max(1, int(chunk_mb * 1e6)),
+                     num_workers=workers, keep_data_ordered=True, reorder_files=False, mode="overwrite",
+                     start_method="fork")
+        finally:
+            quiet.flush()
 
 
 def _verify(out: Path, corrupt_dir: Path, total: int, classes: list, workers: int) -> dict:
