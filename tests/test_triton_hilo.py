@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("kernel_device")]
 # on CUDA tensors where there is a GPU, else on CPU tensors, which need Triton's interpreter
 interpreted = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not hilo.INTERPRETED,
                                  reason="no GPU, and CPU tensors need Triton's interpreter")
+ON_GPU = pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="bf16 tl.dot: on a GPU only")
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 HILO_STATS = ("triton_hilo_attention", "triton_hilo_attention_backward")
 
@@ -68,12 +69,12 @@ def test_triton_hilo_equals_the_plain_hilo(H, W, s, alpha, dim, qkv_bias):
 @pytest.mark.parametrize("dtype, H, W, s, hifi, lofi", [
     *[(torch.float16, *case) for case in ((5, 7, 2, 2, 2), (7, 5, 3, 1, 2), (3, 5, 1, 0, 3), (5, 7, 2, 2, 0))],
     (torch.bfloat16, 5, 7, 2, 2, 0), (torch.bfloat16, 7, 5, 3, 1, 0),  # Hi-Fi only: no dot
-    *[pytest.param(torch.bfloat16, *case, marks=pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="bf16 tl.dot: GPU"))
-      for case in ((5, 7, 2, 2, 2), (3, 5, 1, 0, 3))],  # Lo-Fi's dot in bf16: on a GPU only
+    *[pytest.param(torch.bfloat16, *case, marks=ON_GPU) for case in ((5, 7, 2, 2, 2), (3, 5, 1, 0, 3))],  # Lo-Fi's dot
 ])
 def test_hilo_attention_in_low_precision_matches_the_reference(dtype, H, W, s, hifi, lofi):
-    """The op on fp16 (every path) and bf16 (Hi-Fi only under the interpreter) q/k/v against the fp32 reference on the same values:
-    output and the gradients of p, kv and the padding's bias (an fp32 parameter, as under autocast)."""
+    """The op on fp16 (every path) and bf16 (Hi-Fi only under the interpreter) q/k/v against the fp32 reference on
+    the same values: output and the gradients of p, kv and the padding's bias (an fp32 parameter, as under
+    autocast)."""
     torch.manual_seed(0)
     d, Dh, Dl = 16, hifi * 16, lofi * 16
     p = torch.randn(2, H, W, 3 * Dh + Dl).to(dtype)

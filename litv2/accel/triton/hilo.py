@@ -42,15 +42,18 @@ def hifi_blocks(head_dim: int) -> dict:
 
 def lofi_blocks(head_dim: int, keys: int, dtype: torch.dtype, backward: bool = False,
                 tf32: bool | None = None) -> dict:
-    """64 queries by up to 64 keys per step forward, 32 by up to 32 backward (at least 16: tl.dot). DOT_F32
+    """64 queries by up to 64 keys per step forward, 32 (fp32: 16) by up to 32 backward (at least 16: tl.dot). DOT_F32
     under the interpreter for bf16 (it multiplies bf16 operands as integers). TF32: fp32 products in TF32, as torch's
     fp32 matmuls where ``torch.backends.cuda.matmul.allow_tf32`` (``tf32``: None reads it) allows them, on a GPU."""
     block = 32 if backward else 64
     if tf32 is None:
         tf32 = torch.backends.cuda.matmul.allow_tf32
-    return dict(BLOCK_Q=block, BLOCK_K=min(block, max(16, triton.next_power_of_2(keys))),
-                BLOCK_D=_head_block(head_dim), DOT_F32=INTERPRETED and dtype == torch.bfloat16,
-                TF32=bool(tf32) and dtype == torch.float32 and not INTERPRETED, num_warps=8)
+    blocks = dict(BLOCK_Q=block, BLOCK_K=min(block, max(16, triton.next_power_of_2(keys))),
+                  BLOCK_D=_head_block(head_dim), DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+                  TF32=bool(tf32) and dtype == torch.float32 and not INTERPRETED, num_warps=8)
+    if backward and dtype == torch.float32:  # fp32 operands: 16 queries a step, 4 warps (no spills on sm_90)
+        blocks.update(BLOCK_Q=16, num_warps=4)
+    return blocks
 
 
 def _hifi_args(p, bias, hifi_heads, lofi_heads, head_dim, window):
