@@ -56,8 +56,10 @@ def test_graphed_forward_refuses_cpu_tensors_in_one_line():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("kernels", [None, "triton"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, precision, monkeypatch):
+def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, precision, kernels, monkeypatch):
+    """Also on the Triton kernels (model.kernels=triton): their launches are captured and replayed like torch's."""
     from litv2.accel import accelerate
     from litv2.accel.cudagraphs import GraphedForward
     from litv2.engine.evaluate import autocast, evaluate
@@ -65,7 +67,7 @@ def test_graph_replay_equals_eager_and_a_partial_last_batch_runs_eagerly(tiny, p
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     device = torch.device("cuda")
-    model = accelerate(tiny()).to(device).eval()
+    model = accelerate(tiny().to(device), kernels=kernels).eval()
     graphed = GraphedForward(model)
     torch.manual_seed(1)
     batches = [torch.randn(8, 3, 32, 32, device=device) for _ in range(3)] + [torch.randn(5, 3, 32, 32, device=device)]
