@@ -18,7 +18,7 @@ import triton
 
 from ..flags import taken
 from . import hilo_kernels as kernels
-from .ops import INTERPRETED, TILE, _on, _programs, check_device, ln_blocks
+from .ops import INTERPRETED, TILE, _on, check_device, ln_blocks, ln_grad_buffers, ln_grad_fake
 
 Tensor = torch.Tensor
 
@@ -260,12 +260,7 @@ def add_layer_norm_pool_backward(dy: Tensor | None, dz: Tensor | None, dpool: Te
                                  mean: Tensor, rstd: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
     """``litv2::add_layer_norm_backward`` with the pool's gradient added to z's (None: only the pool's)."""
     check_device(y.device)
-    C = y.shape[-1]
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    tiles = triton.cdiv(y.numel() // C, ln_blocks(C)["BLOCK_M"]) if y.numel() else 0
-    programs = _programs(y.device, tiles)
-    part_w = torch.zeros(programs, C, dtype=torch.float32, device=y.device)
-    part_b = torch.zeros_like(part_w)
+    dx, part_w, part_b, tiles = ln_grad_buffers(y)
     if tiles:
         dz = torch.zeros(y.shape, dtype=dpool.dtype, device=y.device) if dz is None else dz.contiguous()
         kernel, grid, args, kw = add_layer_norm_pool_bwd_launch(
@@ -279,8 +274,7 @@ def add_layer_norm_pool_backward(dy: Tensor | None, dz: Tensor | None, dpool: Te
 
 @add_layer_norm_pool_backward.register_fake
 def _(dy, dz, dpool, y, weight, mean, rstd, window):
-    C = y.shape[-1]
-    return y.new_empty(y.shape), y.new_empty(C, dtype=torch.float32), y.new_empty(C, dtype=torch.float32)
+    return ln_grad_fake(y)
 
 
 def _pool_setup(ctx, inputs, output):

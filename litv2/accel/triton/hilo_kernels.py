@@ -20,6 +20,8 @@ Reductions over rows are written per program and summed by the launcher (no atom
 import triton
 import triton.language as tl
 
+from .kernels import layer_norm_bwd_tiles
+
 
 # ---- Hi-Fi: window attention --------------------------------------------------------------------------------------
 
@@ -157,6 +159,29 @@ def _dot(a, b, F32: tl.constexpr, TF32: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(KV, b, M, kj, Ckv, Dl, head, D, cols, c_ok):
+    """Lo-Fi keys ``kj`` of image ``b``, head ``head``: their offsets in KV, mask, k and v."""
+    kbase = (b * M + kj).to(tl.int64)[:, None] * Ckv + head * D + cols[None, :]
+    kmask = (kj < M)[:, None] & c_ok[None, :]
+    return kbase, kmask, tl.load(KV + kbase, mask=kmask, other=0.0), tl.load(KV + kbase + Dl, mask=kmask, other=0.0)
+
+
+@triton.jit
+def _q_tile_grad(P, Out, DOut, Lse, b, N, qi, Cp, Co, q_off, o_off, HEADS, h_off, head, D, cols, c_ok):
+    """Lo-Fi queries ``qi`` of image ``b``, head ``head``, for the backward pass: their offsets in P and mask, q, the
+    output's gradient ``do``, ``delta = rowsum(do * out)`` and the saved logsumexp."""
+    q_ok = qi < N
+    qrow = (b * N + qi).to(tl.int64)
+    qmask = q_ok[:, None] & c_ok[None, :]
+    qbase = qrow[:, None] * Cp + q_off + head * D + cols[None, :]
+    obase = qrow[:, None] * Co + o_off + head * D + cols[None, :]
+    do = tl.load(DOut + obase, mask=qmask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * tl.load(Out + obase, mask=qmask, other=0.0).to(tl.float32), axis=1)
+    lse = tl.load(Lse + qrow * HEADS + h_off + head, mask=q_ok, other=0.0)
+    return qbase, qmask, tl.load(P + qbase, mask=qmask, other=0.0), do, delta, lse
+
+
+@triton.jit
 def lofi_fwd(P, KV, Out, Lse, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_off, L, scale,
              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
              TF32: tl.constexpr):
@@ -177,13 +202,9 @@ def lofi_fwd(P, KV, Out, Lse, N, M, Cp, Ckv, Co, q_off, o_off, Dl, D, HEADS, h_o
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for start in range(0, M, BLOCK_K):
         kj = start + tl.arange(0, BLOCK_K)
-        k_ok = kj < M
-        kbase = (b * M + kj).to(tl.int64)[:, None] * Ckv + head * D + cols[None, :]
-        kmask = k_ok[:, None] & c_ok[None, :]
-        k = tl.load(KV + kbase, mask=kmask, other=0.0)
-        v = tl.load(KV + kbase + Dl, mask=kmask, other=0.0)
+        _, _, k, v = _kv_tile(KV, b, M, kj, Ckv, Dl, head, D, cols, c_ok)
         s = _dot(q, tl.trans(k), DOT_F32, TF32) * scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        s = tl.where((kj < M)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -205,27 +226,17 @@ def lofi_bwd_dkdv(P, KV, Out, DOut, Lse, DKV, N, M, Cp, Ckv, Co, q_off, o_off, D
     b = bh // L
     head = bh % L
     kj = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = kj < M
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
-    kbase = (b * M + kj).to(tl.int64)[:, None] * Ckv + head * D + cols[None, :]
-    kmask = k_ok[:, None] & c_ok[None, :]
-    k = tl.load(KV + kbase, mask=kmask, other=0.0)
-    v = tl.load(KV + kbase + Dl, mask=kmask, other=0.0)
+    kbase, kmask, k, v = _kv_tile(KV, b, M, kj, Ckv, Dl, head, D, cols, c_ok)
     dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_Q):
         qi = start + tl.arange(0, BLOCK_Q)
-        q_ok = qi < N
-        qrow = (b * N + qi).to(tl.int64)
-        qmask = q_ok[:, None] & c_ok[None, :]
-        q = tl.load(P + qrow[:, None] * Cp + q_off + head * D + cols[None, :], mask=qmask, other=0.0)
-        obase = qrow[:, None] * Co + o_off + head * D + cols[None, :]
-        do = tl.load(DOut + obase, mask=qmask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * tl.load(Out + obase, mask=qmask, other=0.0).to(tl.float32), axis=1)
-        lse = tl.load(Lse + qrow * HEADS + h_off + head, mask=q_ok, other=0.0)
+        _, _, q, do, delta, lse = _q_tile_grad(P, Out, DOut, Lse, b, N, qi, Cp, Co, q_off, o_off, HEADS, h_off, head,
+                                              D, cols, c_ok)
         s = _dot(q, tl.trans(k), DOT_F32, TF32) * scale
-        p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where((qi < N)[:, None] & (kj < M)[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_F32, TF32)
         dp = _dot(do, tl.trans(v), DOT_F32, TF32)
         ds = p * (dp - delta[:, None])
@@ -244,27 +255,16 @@ def lofi_bwd_dq(P, KV, Out, DOut, Lse, DP, N, M, Cp, Ckv, Co, q_off, o_off, Dl, 
     b = bh // L
     head = bh % L
     qi = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = qi < N
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
-    qrow = (b * N + qi).to(tl.int64)
-    qmask = q_ok[:, None] & c_ok[None, :]
-    qbase = qrow[:, None] * Cp + q_off + head * D + cols[None, :]
-    q = tl.load(P + qbase, mask=qmask, other=0.0)
-    obase = qrow[:, None] * Co + o_off + head * D + cols[None, :]
-    do = tl.load(DOut + obase, mask=qmask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * tl.load(Out + obase, mask=qmask, other=0.0).to(tl.float32), axis=1)
-    lse = tl.load(Lse + qrow * HEADS + h_off + head, mask=q_ok, other=0.0)
+    qbase, qmask, q, do, delta, lse = _q_tile_grad(P, Out, DOut, Lse, b, N, qi, Cp, Co, q_off, o_off, HEADS, h_off,
+                                                   head, D, cols, c_ok)
     dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for start in range(0, M, BLOCK_K):
         kj = start + tl.arange(0, BLOCK_K)
-        k_ok = kj < M
-        kbase = (b * M + kj).to(tl.int64)[:, None] * Ckv + head * D + cols[None, :]
-        kmask = k_ok[:, None] & c_ok[None, :]
-        k = tl.load(KV + kbase, mask=kmask, other=0.0)
-        v = tl.load(KV + kbase + Dl, mask=kmask, other=0.0)
+        _, _, k, v = _kv_tile(KV, b, M, kj, Ckv, Dl, head, D, cols, c_ok)
         s = _dot(q, tl.trans(k), DOT_F32, TF32) * scale
-        p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where((qi < N)[:, None] & (kj < M)[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT_F32, TF32)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_F32, TF32)
@@ -313,33 +313,5 @@ def add_layer_norm_pool_fwd(X, R, W, B, Y, Z, Pool, Mean, Rstd, G, H, Wd, Hg, Wg
 def add_layer_norm_pool_bwd(DY, DZ, DPool, Y, W, Mean, Rstd, DX, PartW, PartB, M, C, H, Wd, Hg, Wg,
                             S: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``add_layer_norm_bwd`` with z's gradient ``dz + dpool / S^2`` of the row's window (the pool's backward)."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        win = (rows // (H * Wd) * Hg + rows % (H * Wd) // Wd // S) * Wg + rows % Wd // S
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(DZ + offs, mask=mask, other=0.0).to(tl.float32)
-        dz += tl.load(DPool + win.to(tl.int64)[:, None] * C + cols[None, :], mask=mask,
-                      other=0.0).to(tl.float32) / (S * S)
-        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = dz * w[None, :]
-        c1 = tl.sum(yhat * g, axis=1) / C
-        c2 = tl.sum(g, axis=1) / C
-        dx = (g - (yhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if HAS_DY:
-            dx += tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        acc_w += tl.sum(dz * yhat, axis=0)
-        acc_b += tl.sum(dz, axis=0)
-    tl.store(PartW + pid * C + cols, acc_w, mask=col_ok)
-    tl.store(PartB + pid * C + cols, acc_b, mask=col_ok)
+    layer_norm_bwd_tiles(DY, DZ, DPool, Y, W, Mean, Rstd, DX, PartW, PartB, M, C, H, Wd, Hg, Wg, S, HAS_DY, BLOCK_M,
+                         BLOCK_C)

@@ -41,11 +41,10 @@ def add_layer_norm_fwd(X, R, W, B, Y, Z, Mean, Rstd, M, C, eps,
 
 
 @triton.jit
-def add_layer_norm_bwd(DY, DZ, Y, W, Mean, Rstd, DX, PartW, PartB, M, C,
-                       HAS_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The gradient of ``y = x + r`` (the same for x and r): ``dy + LayerNorm'(dz)``, stored in DX; this program's
-    sums of ``dz * yhat`` and ``dz`` over its rows in ``PartW[pid]``, ``PartB[pid]``. Programs take every
-    ``num_programs``-th tile of BLOCK_M rows."""
+def layer_norm_bwd_tiles(DY, DZ, DPool, Y, W, Mean, Rstd, DX, PartW, PartB, M, C, H, Wd, Hg, Wg,
+                         S: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The body of :func:`add_layer_norm_bwd`. ``S > 0``: z's gradient also takes ``DPool / S^2`` of the row's
+    ``S x S`` window of the ``(B, H, Wd)`` map (``Hg x Wg`` windows an image): an average pool's backward."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -61,6 +60,10 @@ def add_layer_norm_bwd(DY, DZ, Y, W, Mean, Rstd, DX, PartW, PartB, M, C,
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(DZ + offs, mask=mask, other=0.0).to(tl.float32)
+        if S > 0:
+            win = (rows // (H * Wd) * Hg + rows % (H * Wd) // Wd // S) * Wg + rows % Wd // S
+            dz += tl.load(DPool + win.to(tl.int64)[:, None] * C + cols[None, :], mask=mask,
+                          other=0.0).to(tl.float32) / (S * S)
         yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         g = dz * w[None, :]
         c1 = tl.sum(yhat * g, axis=1) / C
@@ -75,7 +78,44 @@ def add_layer_norm_bwd(DY, DZ, Y, W, Mean, Rstd, DX, PartW, PartB, M, C,
     tl.store(PartB + pid * C + cols, acc_b, mask=col_ok)
 
 
+@triton.jit
+def add_layer_norm_bwd(DY, DZ, Y, W, Mean, Rstd, DX, PartW, PartB, M, C,
+                       HAS_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gradient of ``y = x + r`` (the same for x and r): ``dy + LayerNorm'(dz)``, stored in DX; this program's
+    sums of ``dz * yhat`` and ``dz`` over its rows in ``PartW[pid]``, ``PartB[pid]``. Programs take every
+    ``num_programs``-th tile of BLOCK_M rows."""
+    layer_norm_bwd_tiles(DY, DZ, DZ, Y, W, Mean, Rstd, DX, PartW, PartB, M, C, 1, 1, 1, 1, 0, HAS_DY, BLOCK_M, BLOCK_C)
+
+
 # ---- 3x3 depthwise conv (+ bias, + exact GELU) -------------------------------------------------------------------
+
+@triton.jit
+def _tap(X, q64, h, w, q_ok, cols, col_ok, H, Wd, C, dh, dw):
+    """The ``(dh, dw)`` neighbours of positions ``q64`` (at ``h``, ``w`` of a ``(B, H, Wd, C)`` map), channels
+    ``cols``, in fp32; zero off the map."""
+    ok = q_ok & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < Wd)
+    return tl.load(X + (q64 + dh * Wd + dw)[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv3x3(X, W, Bias, q64, h, w, q_ok, cols, col_ok, H, Wd, C,
+             HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``conv3x3(X) + bias`` per channel at positions ``q64``, channels ``cols``, in fp32 (FLIP: the kernel
+    mirrored)."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for k in tl.static_range(9):
+        dh = k // 3 - 1
+        dw = k % 3 - 1
+        if FLIP:
+            dh = -dh
+            dw = -dw
+        acc += _tap(X, q64, h, w, q_ok, cols, col_ok, H, Wd, C, dh, dw) * tl.load(
+            W + cols * 9 + k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
 
 @triton.jit
 def dwconv3x3(X, W, Bias, Out, N, H, Wd, C,
@@ -91,20 +131,7 @@ def dwconv3x3(X, W, Bias, Out, N, H, Wd, C,
     h = (q % (H * Wd)) // Wd
     w = q % Wd
     q64 = q.to(tl.int64)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for k in tl.static_range(9):
-        dh = k // 3 - 1
-        dw = k % 3 - 1
-        if FLIP:
-            dh = -dh
-            dw = -dw
-        ok = q_ok & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < Wd)
-        x = tl.load(X + (q64 + dh * Wd + dw)[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        wk = tl.load(W + cols * 9 + k, mask=col_ok, other=0.0).to(tl.float32)
-        acc += x * wk[None, :]
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _conv3x3(X, W, Bias, q64, h, w, q_ok, cols, col_ok, H, Wd, C, HAS_BIAS, FLIP, BLOCK_P, BLOCK_C)
     if GELU:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * _SQRT1_2))
     tl.store(Out + q64[:, None] * C + cols[None, :], acc.to(Out.dtype.element_ty),
@@ -130,14 +157,7 @@ def dwconv3x3_gelu_bwd(DG, X, W, Bias, DY, PartW, PartB, N, H, Wd, C,
         h = (q % (H * Wd)) // Wd
         w = q % Wd
         q64 = q.to(tl.int64)
-        y = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for k in tl.static_range(9):
-            ok = q_ok & (h + k // 3 - 1 >= 0) & (h + k // 3 - 1 < H) & (w + k % 3 - 1 >= 0) & (w + k % 3 - 1 < Wd)
-            x = tl.load(X + (q64 + (k // 3 - 1) * Wd + (k % 3 - 1))[:, None] * C + cols[None, :],
-                        mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            y += x * tl.load(W + cols * 9 + k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = _conv3x3(X, W, Bias, q64, h, w, q_ok, cols, col_ok, H, Wd, C, HAS_BIAS, False, BLOCK_P, BLOCK_C)
         mask = q_ok[:, None] & col_ok[None, :]
         offs = q64[:, None] * C + cols[None, :]
         dg = tl.load(DG + offs, mask=mask, other=0.0).to(tl.float32)
@@ -145,9 +165,7 @@ def dwconv3x3_gelu_bwd(DG, X, W, Bias, DY, PartW, PartB, N, H, Wd, C,
         tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=mask)
         acc_b += tl.sum(dy, axis=0)
         for k in tl.static_range(9):  # the taps again (from cache): nine tiles would not fit in registers
-            ok = q_ok & (h + k // 3 - 1 >= 0) & (h + k // 3 - 1 < H) & (w + k % 3 - 1 >= 0) & (w + k % 3 - 1 < Wd)
-            x = tl.load(X + (q64 + (k // 3 - 1) * Wd + (k % 3 - 1))[:, None] * C + cols[None, :],
-                        mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            x = _tap(X, q64, h, w, q_ok, cols, col_ok, H, Wd, C, k // 3 - 1, k % 3 - 1)
             acc_w += tl.where(taps[:, None] == k, tl.sum(dy * x, axis=0)[None, :], 0.0)
     tl.store(PartW + (pid * 9 + taps[:, None]) * C + cols[None, :], acc_w, mask=(taps[:, None] < 9) & col_ok[None, :])
     tl.store(PartB + pid * C + cols, acc_b, mask=col_ok)

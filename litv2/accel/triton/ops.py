@@ -111,12 +111,7 @@ def add_layer_norm_backward(dy: Tensor | None, dz: Tensor, y: Tensor, weight: Te
     """The gradient of ``y = x + r`` (in y's dtype) given those of ``y`` (None: none) and ``z``; the fp32
     gradients of the LayerNorm's weight and bias."""
     check_device(y.device)
-    C = y.shape[-1]
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    tiles = triton.cdiv(y.numel() // C, ln_blocks(C)["BLOCK_M"]) if y.numel() else 0
-    programs = _programs(y.device, tiles)
-    part_w = torch.zeros(programs, C, dtype=torch.float32, device=y.device)
-    part_b = torch.zeros_like(part_w)
+    dx, part_w, part_b, tiles = ln_grad_buffers(y)
     if tiles:
         kernel, grid, args, kw = add_layer_norm_bwd_launch(None if dy is None else dy.contiguous(), dz.contiguous(),
                                                            y, weight.contiguous(), mean, rstd, dx, part_w, part_b)
@@ -128,6 +123,20 @@ def add_layer_norm_backward(dy: Tensor | None, dz: Tensor, y: Tensor, weight: Te
 
 @add_layer_norm_backward.register_fake
 def _(dy, dz, y, weight, mean, rstd):
+    return ln_grad_fake(y)
+
+
+def ln_grad_buffers(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """A LayerNorm backward over the rows of ``y``: ``dx`` (y's dtype), the per-program fp32 partial sums of the
+    weight and bias gradients, and the number of row tiles (0: nothing to launch)."""
+    C = y.shape[-1]
+    tiles = triton.cdiv(y.numel() // C, ln_blocks(C)["BLOCK_M"]) if y.numel() else 0
+    part_w = torch.zeros(_programs(y.device, tiles), C, dtype=torch.float32, device=y.device)
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device), part_w, torch.zeros_like(part_w), tiles
+
+
+def ln_grad_fake(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake outputs of a LayerNorm backward op: dx and the fp32 weight and bias gradients."""
     C = y.shape[-1]
     return y.new_empty(y.shape), y.new_empty(C, dtype=torch.float32), y.new_empty(C, dtype=torch.float32)
 
