@@ -40,6 +40,28 @@ def train_in_process(overrides, run_dir):
     return train(compose(overrides), run_dir=run_dir)
 
 
+def compiled_matches_eager(model, x, loss=lambda out: out.sum()) -> dict:
+    """``torch.compile(model, backend="aot_eager", fullgraph=True)`` (a graph break fails) on ``x``, then ``model``
+    eagerly: the outputs within 1e-6 and every gradient within 1e-5. Returns ``litv2.accel.stats`` as the compiled
+    forward and backward left it (cleared before)."""
+    from litv2.accel import stats
+
+    torch._dynamo.reset()
+    stats.clear()
+    out = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)(x)
+    loss(out).backward()
+    taken = dict(stats)
+    compiled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(x)
+    loss(eager).backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(compiled[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    return taken
+
+
 def load_script(name: str) -> dict:
     """The globals of ``scripts/<name>`` run as a module (not as ``__main__``): its functions, for in-process tests."""
     return runpy.run_path(str(ROOT / "scripts" / name), run_name=f"_test_{Path(name).stem}")

@@ -12,11 +12,13 @@ import json
 import subprocess
 import sys
 import weakref
+from collections import Counter
 
 import pytest
 import torch
 
-from engine_utils import ENV, FAST, KERNEL_DEVICE, ROOT, TINY, TINY_LITV2, assert_one_line_error, compose
+from engine_utils import (ENV, FAST, KERNEL_DEVICE, ROOT, TINY, TINY_LITV2, assert_one_line_error,
+                          compiled_matches_eager, compose)
 
 pytest.importorskip("triton")
 from litv2.accel import accelerate, is_accelerated, restore, stats  # noqa: E402
@@ -207,24 +209,14 @@ def test_tiny_litv2_on_triton_kernels_under_bf16_autocast(tiny):
 
 @interpreted
 def test_torch_compile_traces_the_ops_without_graph_breaks(tiny):
-    """fullgraph=True (a graph break would fail) with aot_eager: forward and backward call the litv2 ops, the
-    results equal eager's."""
-    torch._dynamo.reset()
+    """fullgraph=True (a graph break would fail) with aot_eager: forward and backward call the litv2 ops (HiLo's
+    and the pooling add + LayerNorm's included), the results equal eager's."""
     model = accelerate(tiny().train(), kernels="triton")
-    x = torch.randn(2, 3, 48, 80)
-    stats.clear()
-    out = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)(x)
-    out.sum().backward()
-    compiled = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert all(stats[k] > 0 for k in KERNEL_STATS), dict(stats)
-    assert not stats["recompute_gelu"]  # compiled: the partitioner decides what to keep
-    model.zero_grad()
-    eager = model(x)
-    eager.sum().backward()
-    torch._dynamo.reset()
-    torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(compiled[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    taken = Counter(compiled_matches_eager(model, torch.randn(2, 3, 48, 80)))
+    hilo = ("triton_hilo_attention", "triton_hilo_attention_backward", "triton_add_layer_norm_pool",
+            "triton_add_layer_norm_pool_backward")
+    assert all(taken[k] > 0 for k in KERNEL_STATS + hilo), taken
+    assert not taken["recompute_gelu"]  # compiled: the partitioner decides what to keep
 
 
 @interpreted
