@@ -5,6 +5,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,29 @@ def compiled_matches_eager(model, x, loss=lambda out: out.sum()) -> dict:
     for name, p in model.named_parameters():
         torch.testing.assert_close(compiled[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
     return taken
+
+
+def processes_of(marker: str) -> list[int]:
+    """PIDs whose command line holds ``marker`` (a test's tmp dir): the launched processes, torchrun's workers (each in
+    a session of its own) and their loader workers."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_all(proc, marker: str) -> None:
+    """SIGKILL to ``proc`` and every process whose command line holds ``marker``."""
+    for pid in [proc.pid, *processes_of(marker)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def load_script(name: str) -> dict:

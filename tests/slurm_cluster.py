@@ -241,11 +241,11 @@ def _running(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """The running cluster for the whole session (skips where it cannot run); its daemons stop at the end, also
-    when pytest is sent SIGTERM (a CI timeout): it then stops as on Ctrl-C, running the teardowns."""
-    reason = unavailable()
+def session_cluster(cls, tmp_path_factory, name: str, why_not=None):
+    """A fixture body: a ``cls`` cluster (``LocalSlurm`` or a subclass) under a tmp dir ``name``, running for the
+    whole session (skips where ``why_not()``, by default :func:`unavailable`, gives a reason); its daemons stop at
+    the end, also when pytest is sent SIGTERM (a CI timeout): it then stops as on Ctrl-C, running the teardowns."""
+    reason = (why_not or unavailable)()
     if reason:
         pytest.skip(reason)
     from engine_utils import ENV
@@ -253,7 +253,7 @@ def slurm_cluster(tmp_path_factory):
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"pytest received {signal.Signals(signum).name}")
 
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), env={**ENV, "OMP_NUM_THREADS": "1"})
+    cluster = cls(tmp_path_factory.mktemp(name), env={**ENV, "OMP_NUM_THREADS": "1"})
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         cluster.start()
@@ -261,6 +261,12 @@ def slurm_cluster(tmp_path_factory):
     finally:
         cluster.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The running one-node cluster for the whole session (see :func:`session_cluster`)."""
+    yield from session_cluster(LocalSlurm, tmp_path_factory, "slurm")
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_cluster import LocalSlurm, _binary, _free_ports, _running, _terminate, unavailable as slurm_unavailable
+from slurm_cluster import (LocalSlurm, _binary, _free_ports, _running, _terminate, session_cluster,
+                           unavailable as slurm_unavailable)
 
 HOSTS = ("node1", "node2")
 
@@ -207,24 +207,8 @@ PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP Over
 
 @pytest.fixture(scope="session")
 def two_hosts(tmp_path_factory):
-    """The running two-host cluster for the session (skips where it cannot run); torn down at the end, also when
-    pytest gets SIGTERM."""
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    from engine_utils import ENV
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"pytest received {signal.Signals(signum).name}")
-
-    cluster = TwoHostSlurm(tmp_path_factory.mktemp("slurm2"), env={**ENV, "OMP_NUM_THREADS": "1"})
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        signal.signal(signal.SIGTERM, previous)
+    """The running two-host cluster for the session (see ``slurm_cluster.session_cluster``)."""
+    yield from session_cluster(TwoHostSlurm, tmp_path_factory, "slurm2", why_not=unavailable)
 
 
 __all__ = ["TwoHostSlurm", "two_hosts", "unavailable"]

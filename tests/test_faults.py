@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, compose, load_state, make_digits_subset, metrics_rows,
-                          train_in_process, user_error_line)
+from engine_utils import (ENV, FAST, ROOT, TINY_LITV2, compose, kill_all, load_state, make_digits_subset, metrics_rows,
+                          processes_of, train_in_process, user_error_line)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals, gloo")
 
@@ -37,35 +37,13 @@ def _start(args, fault=None, torchrun=False, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _processes_of(marker: str) -> list[int]:
-    """PIDs whose command line holds ``marker`` (a test's tmp dir): the launched processes, torchrun's workers (each in
-    a session of its own) and their loader workers."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _kill_all(proc, marker: str):
-    for pid in [proc.pid, *_processes_of(marker)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _finish(proc, timeout, marker: str):
     """(returncode, stdout, stderr, seconds); kills everything it started if it outlives ``timeout``."""
     t0 = time.monotonic()
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_all(proc, marker)
+        kill_all(proc, marker)
         out, err = proc.communicate()
         pytest.fail(f"still running after {timeout} s:\n{err[-3000:]}")
     return proc.returncode, out, err, time.monotonic() - t0
@@ -74,9 +52,9 @@ def _finish(proc, timeout, marker: str):
 def _all_gone(marker: str) -> bool:
     """No process the test started (loader workers included) is left; kills what is."""
     deadline = time.monotonic() + 5
-    while _processes_of(marker) and time.monotonic() < deadline:
+    while processes_of(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _processes_of(marker)
+    left = processes_of(marker)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     return not left
@@ -211,7 +189,7 @@ def test_one_live_job_per_run_dir(digits, tmp_path, capsys):
         summary = train_in_process(args, other)
         assert summary["run_dir"] == str(other) and summary["steps"] == 8
     finally:
-        _kill_all(proc, str(tmp_path))
+        kill_all(proc, str(tmp_path))
         proc.wait()
     assert (held / ".lease").exists() and not (held / "summary.json").exists()  # as the killed job left it
     rerun = tmp_path / "runs" / "quickstart" / "rerun"

@@ -5,7 +5,6 @@ kill -9 and rerun gives a complete output; and what LitData's own streaming load
 import collections
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import ENV, ROOT, assert_same_tensors, load_state, make_digits_subset, metrics_rows
+from engine_utils import (ENV, ROOT, assert_same_tensors, kill_all, load_state, make_digits_subset, metrics_rows,
+                          processes_of)
 
 pytestmark = [pytest.mark.shards, pytest.mark.skipif(sys.platform == "win32", reason="gloo + signals")]
 
@@ -39,29 +39,13 @@ def _run(args, ranks: int, timeout=240, **env):
     return out
 
 
-def _processes_of(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
 def _kill9(proc, marker: str):
     """kill -9 of everything the command started (torchrun, its ranks in their own sessions, loader workers), as a
     node that goes down."""
-    for pid in [proc.pid, *_processes_of(marker)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(proc, marker)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 10
-    while _processes_of(marker) and time.monotonic() < deadline:
+    while processes_of(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
