@@ -20,7 +20,7 @@ Reductions over rows are written per program and summed by the launcher (no atom
 import triton
 import triton.language as tl
 
-from .kernels import layer_norm_bwd_tiles
+from .kernels import add_layer_norm_rows, layer_norm_bwd_tiles
 
 
 # ---- Hi-Fi: window attention --------------------------------------------------------------------------------------
@@ -290,19 +290,7 @@ def add_layer_norm_pool_fwd(X, R, W, B, Y, Z, Pool, Mean, Rstd, G, H, Wd, Hg, Wg
     mask = row_ok[:, None] & col_ok[None, :]
     rows = ((g // (Wg * Hg) * H + h) * Wd + w).to(tl.int64)
     offs = rows[:, None] * C + cols[None, :]
-    y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    y = y.to(Y.dtype.element_ty)
-    tl.store(Y + offs, y, mask=mask)
-    y = y.to(tl.float32)
-    mean = tl.sum(y, axis=1) / C
-    d = tl.where(mask, y - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-    w_ = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b_ = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    z = tl.where(mask, d * rstd[:, None] * w_[None, :] + b_[None, :], 0.0)
-    tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+    z = add_layer_norm_rows(X, R, W, B, Y, Z, Mean, Rstd, rows, offs, row_ok, mask, cols, col_ok, C, eps)
     pooled = tl.sum(tl.reshape(z, (BLOCK_G, S2P, BLOCK_C)), axis=1) / (S * S)
     gw = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     tl.store(Pool + gw.to(tl.int64)[:, None] * C + cols[None, :], pooled.to(Pool.dtype.element_ty),

@@ -15,6 +15,26 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 # ---- residual add + LayerNorm -----------------------------------------------------------------------------------
 
 @triton.jit
+def add_layer_norm_rows(X, R, W, B, Y, Z, Mean, Rstd, rows, offs, row_ok, mask, cols, col_ok, C, eps):
+    """The body of :func:`add_layer_norm_fwd` for the rows ``rows`` (element offsets ``offs``): stores y, z, mean and
+    1/std; returns z in fp32 (zero where masked)."""
+    y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(Y.dtype.element_ty)
+    tl.store(Y + offs, y, mask=mask)
+    y = y.to(tl.float32)
+    mean = tl.sum(y, axis=1) / C
+    d = tl.where(mask, y - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    z = tl.where(mask, d * rstd[:, None] * w[None, :] + b[None, :], 0.0)
+    tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+    return z
+
+
+@triton.jit
 def add_layer_norm_fwd(X, R, W, B, Y, Z, Mean, Rstd, M, C, eps,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``y = x + r`` (stored in Y's dtype, as ``x + r`` rounds it), ``z = LayerNorm(y) * w + b``; fp32 mean and
@@ -25,19 +45,7 @@ def add_layer_norm_fwd(X, R, W, B, Y, Z, Mean, Rstd, M, C, eps,
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    y = y.to(Y.dtype.element_ty)
-    tl.store(Y + offs, y, mask=mask)
-    y = y.to(tl.float32)
-    mean = tl.sum(y, axis=1) / C
-    d = tl.where(mask, y - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    z = d * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+    add_layer_norm_rows(X, R, W, B, Y, Z, Mean, Rstd, rows, offs, row_ok, mask, cols, col_ok, C, eps)
 
 
 @triton.jit
