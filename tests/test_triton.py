@@ -33,6 +33,8 @@ interpreted = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not ops.INTERPRETED,
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 KERNEL_STATS = ("triton_add_layer_norm", "triton_add_layer_norm_backward", "triton_dwconv_gelu",
                 "triton_dwconv_gelu_backward")
+HILO_STATS = ("triton_hilo_attention", "triton_hilo_attention_backward")
+POOL_STATS = ("triton_add_layer_norm_pool", "triton_add_layer_norm_pool_backward")
 NO_INTERPRETER_ENV = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
 
 
@@ -161,11 +163,14 @@ def test_triton_convffn_keeps_no_gelu_output_and_gives_the_same_gradients():
 @interpreted
 def test_tiny_litv2_on_triton_kernels_equals_the_plain_model(tiny):
     """A training step of the tiny LITv2 (maps 12x20, 6x10, 3x5, 1x2) with kernels="triton": logits and every
-    gradient within 1e-4 of the plain model's, every kernel taken; restore() gives back the plain modules."""
+    gradient within 1e-4 of the plain model's, every kernel taken; restore() gives back the plain modules. Every
+    HiLo (stage 3: 3x5 map, s=2, padded; stage 4: 1x2, s=1) runs litv2::hilo_attention; the second block of stage 3
+    gets its pooled map from the add + LayerNorm before it (the first pools by itself)."""
     plain = tiny().train()
     model = accelerate(copy.deepcopy(plain), kernels="triton")
     names = {type(m).__name__ for m in model.modules()}
-    assert {"TritonBlock", "TritonStage", "TritonConvFFN"} <= names
+    assert {"TritonBlock", "TritonStage", "TritonConvFFN", "TritonHiLo"} <= names
+    assert "HiLo" not in names
     x = torch.randn(2, 3, 48, 80)
     stats.clear()
     out = model(x)
@@ -173,6 +178,8 @@ def test_tiny_litv2_on_triton_kernels_equals_the_plain_model(tiny):
     ref = plain(x)
     ref.sum().backward()
     assert all(stats[k] > 0 for k in KERNEL_STATS + ("recompute_gelu",)), dict(stats)
+    assert all(stats[k] == sum(TINY["depths"][2:]) for k in HILO_STATS), dict(stats)
+    assert all(stats[k] == 1 for k in POOL_STATS), dict(stats)
     # one fused add + LayerNorm per block but the first of each stage, one more per attention block (the one before a
     # pooling HiLo also pools)
     assert (stats["triton_add_layer_norm"] + stats["triton_add_layer_norm_pool"]
@@ -213,9 +220,7 @@ def test_torch_compile_traces_the_ops_without_graph_breaks(tiny):
     and the pooling add + LayerNorm's included), the results equal eager's."""
     model = accelerate(tiny().train(), kernels="triton")
     taken = Counter(compiled_matches_eager(model, torch.randn(2, 3, 48, 80)))
-    hilo = ("triton_hilo_attention", "triton_hilo_attention_backward", "triton_add_layer_norm_pool",
-            "triton_add_layer_norm_pool_backward")
-    assert all(taken[k] > 0 for k in KERNEL_STATS + hilo), taken
+    assert all(taken[k] > 0 for k in KERNEL_STATS + HILO_STATS + POOL_STATS), taken
     assert not taken["recompute_gelu"]  # compiled: the partitioner decides what to keep
 
 
