@@ -121,14 +121,18 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
 PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP OverSubscribe=EXCLUSIVE PriorityTier=2
 """)
 
-    def start(self, timeout: float = 60):
-        self._write_config()
+    def _start_controller(self):
+        """munged and slurmctld, on the config ``_write_config`` wrote."""
         munge = self.root / "munge"
         self._daemon("munged", [_binary("munged"), "--force", f"--socket={munge}/munge.socket",
                                 f"--key-file={munge}/munge.key", f"--log-file={munge}/munged.log",
                                 f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed"],
                      munge / "munged.pid")
         self._daemon("slurmctld", [_binary("slurmctld"), "-f", str(self.conf)], self.root / "slurmctld.pid")
+
+    def start(self, timeout: float = 60):
+        self._write_config()
+        self._start_controller()
         self._daemon("slurmd", [_binary("slurmd"), "-f", str(self.conf), "-N", self.node], self.root / "slurmd.pid")
         self.wait_until(lambda: self.run(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() == "idle",
                         timeout, "the node to come up idle")

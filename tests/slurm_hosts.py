@@ -170,12 +170,7 @@ PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP Over
         self._network_up()
         try:
             self._write_config()
-            munge = self.root / "munge"
-            self._daemon("munged", [_binary("munged"), "--force", f"--socket={munge}/munge.socket",
-                                    f"--key-file={munge}/munge.key", f"--log-file={munge}/munged.log",
-                                    f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed"],
-                         munge / "munged.pid")
-            self._daemon("slurmctld", [_binary("slurmctld"), "-f", str(self.conf)], self.root / "slurmctld.pid")
+            self._start_controller()
             for h in HOSTS:
                 self._start_slurmd(h)
             self.wait_until(lambda: all(self._node_state(h) == "idle" for h in HOSTS), timeout,
