@@ -158,14 +158,11 @@ def _hilo_launches(attn, x, low, key: str) -> dict:
         launches[f"hifi_bwd {key}"] = hilo.hifi_bwd_launch(p, bias, out, out, lse, p, part_b, *args)
     if attn.l_heads:
         for tf32 in (False, True) if low == torch.float32 else (False,):  # fp32: IEEE and, where allowed, TF32 dots
-            old, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
-            try:
-                tag = " (TF32)" if tf32 else ""
-                launches[f"lofi_fwd {key}{tag}"] = hilo.lofi_fwd_launch(p, kv, out, lse, *args)
-                launches[f"lofi_bwd_dkdv {key}{tag}"] = hilo.lofi_bwd_dkdv_launch(p, kv, out, out, lse, kv, *args)
-                launches[f"lofi_bwd_dq {key}{tag}"] = hilo.lofi_bwd_dq_launch(p, kv, out, out, lse, p, *args)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
+            tag = " (TF32)" if tf32 else ""
+            launches[f"lofi_fwd {key}{tag}"] = hilo.lofi_fwd_launch(p, kv, out, lse, *args, tf32=tf32)
+            launches[f"lofi_bwd_dkdv {key}{tag}"] = hilo.lofi_bwd_dkdv_launch(p, kv, out, out, lse, kv, *args,
+                                                                              tf32=tf32)
+            launches[f"lofi_bwd_dq {key}{tag}"] = hilo.lofi_bwd_dq_launch(p, kv, out, out, lse, p, *args, tf32=tf32)
     if attn.l_heads and s > 1:
         param, stats = torch.empty(C, dtype=torch.float32, device="meta"), lse[..., 0]
         parts = torch.empty(2, C, dtype=torch.float32, device="meta")

@@ -75,27 +75,27 @@ def hifi_bwd_launch(p, bias, out, dout, lse, dp, part_b, hifi_heads, lofi_heads,
     return (kernels.hifi_bwd, grid, (p, p if bias is None else bias, out, dout, lse, dp, part_b, *dims, scale), kw)
 
 
-def _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, backward=False):
+def _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, backward=False, tf32=None):
     B, H, W, Cp, Hg, Wg, Dh, Dl = _dims(p, hifi_heads, lofi_heads, head_dim, window)
     M = kv.numel() // kv.shape[-1] // B
     return B, H * W, M, (H * W, M, Cp, 2 * Dl, Dh + Dl, 3 * Dh, Dh, Dl, head_dim, hifi_heads + lofi_heads,
-                         hifi_heads, lofi_heads), lofi_blocks(head_dim, M, p.dtype, backward)
+                         hifi_heads, lofi_heads), lofi_blocks(head_dim, M, p.dtype, backward, tf32)
 
 
-def lofi_fwd_launch(p, kv, out, lse, hifi_heads, lofi_heads, head_dim, window, scale):
-    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window)
+def lofi_fwd_launch(p, kv, out, lse, hifi_heads, lofi_heads, head_dim, window, scale, tf32=None):
+    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, tf32=tf32)
     return (kernels.lofi_fwd, (triton.cdiv(N, blocks["BLOCK_Q"]), B * lofi_heads), (p, kv, out, lse, *dims, scale),
             blocks)
 
 
-def lofi_bwd_dkdv_launch(p, kv, out, dout, lse, dkv, hifi_heads, lofi_heads, head_dim, window, scale):
-    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, True)
+def lofi_bwd_dkdv_launch(p, kv, out, dout, lse, dkv, hifi_heads, lofi_heads, head_dim, window, scale, tf32=None):
+    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, True, tf32)
     return (kernels.lofi_bwd_dkdv, (triton.cdiv(M, blocks["BLOCK_K"]), B * lofi_heads),
             (p, kv, out, dout, lse, dkv, *dims, scale), blocks)
 
 
-def lofi_bwd_dq_launch(p, kv, out, dout, lse, dp, hifi_heads, lofi_heads, head_dim, window, scale):
-    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, True)
+def lofi_bwd_dq_launch(p, kv, out, dout, lse, dp, hifi_heads, lofi_heads, head_dim, window, scale, tf32=None):
+    B, N, M, dims, blocks = _lofi_args(p, kv, hifi_heads, lofi_heads, head_dim, window, True, tf32)
     return (kernels.lofi_bwd_dq, (triton.cdiv(N, blocks["BLOCK_Q"]), B * lofi_heads),
             (p, kv, out, dout, lse, dp, *dims, scale), blocks)
 
